@@ -1,0 +1,50 @@
+"""Input checks that run before any expensive work.
+
+The determinism check runs the model twice on the same inputs and requires equal
+outputs. It must not change the model: buffers and the global RNG states are saved
+before and restored after.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+
+def check_finite_parameters(names: list[str], params: list[Tensor]) -> None:
+    """Raise ``ValueError`` naming the first parameter with NaN or Inf entries."""
+    for name, p in zip(names, params, strict=True):
+        if not bool(torch.isfinite(p).all()):
+            raise ValueError(f"parameter {name!r} contains NaN or Inf")
+
+
+def check_no_train_mode_batchnorm(model: nn.Module) -> None:
+    """Refuse BatchNorm in train mode: its output depends on how data is split into batches."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+            raise ValueError(
+                f"BatchNorm module {name or type(module).__name__!r} is in train mode: its "
+                "output depends on the batch split, so the curvature is not one fixed matrix; "
+                "call model.eval() first"
+            )
+
+
+@contextmanager
+def preserved_state(model: nn.Module) -> Iterator[None]:
+    """Restore the model's buffers and the global RNG states on exit."""
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                if name in buffers:
+                    b.copy_(buffers[name])
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)

@@ -1,0 +1,153 @@
+r"""Supported losses: per-row values, closed-form output Hessians and MC sampling.
+
+The curvature code sees a loss through its *rows*: a batch is mapped to predictions
+``F`` of shape ``(R, C)`` and targets ``Y`` (``(R,)`` class indices or ``(R, C)``
+values), one row per loss term group, plus the example each row belongs to. The
+losses, summed over rows, are
+
+* cross-entropy: :math:`\ell_r = -\log \mathrm{softmax}(f_r)_{y_r}`, Hessian
+  :math:`\operatorname{diag}(p_r) - p_r p_r^\top`;
+* squared error: :math:`\ell_r = \lVert f_r - y_r \rVert^2`, Hessian :math:`2I`;
+* BCE with logits: :math:`\ell_r = \sum_c \mathrm{softplus}(f_{rc}) - y_{rc} f_{rc}`,
+  Hessian :math:`\operatorname{diag}(\sigma(f_r)(1 - \sigma(f_r)))`.
+
+Each is :math:`-\log p(y \mid f)` up to a constant for the distributions sampled by
+:meth:`LossKind.sample` (categorical, :math:`\mathcal N(f, \tfrac12 I)`, Bernoulli), so
+the expected outer product of the sampled gradients equals the Hessian and the exact
+Fisher equals the GGN.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SUPPORTED_LOSSES = "nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss"
+
+
+@dataclass(frozen=True)
+class LossKind:
+    """One of the supported losses, reduced to what the curvature products need.
+
+    Attributes:
+        name: ``"cross_entropy"``, ``"mse"`` or ``"bce"``.
+    """
+
+    name: str
+
+    def row_losses(self, F_: Tensor, Y: Tensor) -> Tensor:
+        """Loss of each row, summed over the row's entries: shape ``(R,)``."""
+        if self.name == "cross_entropy":
+            return F.cross_entropy(F_, Y, reduction="none")
+        if self.name == "mse":
+            return ((F_ - Y) ** 2).sum(-1)
+        return F.binary_cross_entropy_with_logits(F_, Y, reduction="none").sum(-1)
+
+    def hessian_matmul(self, F_: Tensor, U: Tensor) -> Tensor:
+        """Apply each row's output Hessian: ``(H_r u_r)`` for ``U`` of shape ``(..., R, C)``."""
+        if self.name == "cross_entropy":
+            p = torch.softmax(F_.detach(), dim=-1)
+            return p * U - p * (p * U).sum(-1, keepdim=True)
+        if self.name == "mse":
+            return 2.0 * U
+        s = torch.sigmoid(F_.detach())
+        return s * (1.0 - s) * U
+
+    def uniforms_per_row(self, num_outputs: int) -> int:
+        """How many U(0, 1) numbers :meth:`sample` needs per row and draw."""
+        if self.name == "cross_entropy":
+            return 1
+        return 2 * num_outputs if self.name == "mse" else num_outputs
+
+    def sample(self, F_: Tensor, uniforms: Tensor) -> Tensor:
+        """Draw targets from the model's predictive distribution.
+
+        Args:
+            F_: Predictions, ``(R, C)``.
+            uniforms: Independent U(0, 1) numbers of shape ``(S, R, u)`` with ``u`` from
+                :meth:`uniforms_per_row`.
+
+        Returns:
+            ``(S, R)`` class indices for cross-entropy, ``(S, R, C)`` values otherwise.
+        """
+        F_ = F_.detach()
+        if self.name == "cross_entropy":
+            # Inverse-CDF sampling of the softmax, in float64 so ties are vanishingly rare.
+            cdf = torch.softmax(F_.double(), dim=-1).cumsum(-1)
+            u = uniforms[..., 0].double().unsqueeze(-1)
+            idx = (cdf < u * cdf[..., -1:]).sum(-1)
+            return idx.clamp_max(F_.shape[-1] - 1)
+        if self.name == "mse":
+            # Box-Muller on pairs of uniforms; N(f, 1/2 I) so that -log p = ||y - f||^2 + const.
+            C = F_.shape[-1]
+            u1 = uniforms[..., :C].double().clamp_min(1e-300)
+            u2 = uniforms[..., C:].double()
+            z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
+            return F_ + (z * math.sqrt(0.5)).to(F_.dtype)
+        return (uniforms < torch.sigmoid(F_.double())).to(F_.dtype)
+
+    def row_gradients(self, F_: Tensor, Y: Tensor) -> Tensor:
+        """Gradient of each row's loss with respect to its predictions, ``(..., R, C)``.
+
+        ``Y`` may carry a leading sample dimension (from :meth:`sample`).
+        """
+        F_ = F_.detach()
+        if self.name == "cross_entropy":
+            p = torch.softmax(F_, dim=-1)
+            return p - F.one_hot(Y, F_.shape[-1]).to(F_.dtype)
+        if self.name == "mse":
+            return 2.0 * (F_ - Y)
+        return torch.sigmoid(F_) - Y
+
+
+@dataclass(frozen=True)
+class TorchLoss:
+    """A validated torch loss module.
+
+    Attributes:
+        kind: The loss kind.
+        reduction: ``"mean"`` or ``"sum"``.
+    """
+
+    kind: LossKind
+    reduction: str
+
+    @classmethod
+    def from_module(cls, loss_fn: nn.Module) -> TorchLoss:
+        """Validate ``loss_fn`` and describe it.
+
+        Raises:
+            TypeError: For a loss that is not one of the supported ones.
+            ValueError: For options that would make the curvature silently different
+                (class weights, label smoothing, another ``ignore_index``, ``pos_weight``,
+                ``reduction="none"``).
+        """
+        reduction = getattr(loss_fn, "reduction", None)
+        if isinstance(loss_fn, nn.CrossEntropyLoss):
+            if loss_fn.weight is not None:
+                raise ValueError("CrossEntropyLoss(weight=...) is not supported")
+            if loss_fn.label_smoothing != 0.0:
+                raise ValueError("CrossEntropyLoss(label_smoothing=...) is not supported")
+            if loss_fn.ignore_index != -100:
+                raise ValueError("CrossEntropyLoss: only ignore_index=-100 is supported")
+            kind = LossKind("cross_entropy")
+        elif isinstance(loss_fn, nn.MSELoss):
+            kind = LossKind("mse")
+        elif isinstance(loss_fn, nn.BCEWithLogitsLoss):
+            if loss_fn.weight is not None:
+                raise ValueError("BCEWithLogitsLoss(weight=...) is not supported")
+            if loss_fn.pos_weight is not None:
+                raise ValueError("BCEWithLogitsLoss(pos_weight=...) is not supported")
+            kind = LossKind("bce")
+        else:
+            raise TypeError(
+                f"unsupported loss {type(loss_fn).__name__}; supported: {SUPPORTED_LOSSES} "
+                "(or a curvops objective such as curvops.adapters.hf.LanguageModelObjective)"
+            )
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"loss reduction must be 'mean' or 'sum', got {reduction!r}")
+        return cls(kind, reduction)

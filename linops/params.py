@@ -1,0 +1,163 @@
+"""Parameter selection and the flat parameter space operators act on.
+
+An operator acts on the flattened, concatenated parameters in the order of its
+selection. The flat vector has the widest floating dtype among the selected
+parameters (fp32 norms inside a bf16 model make an fp32 space); each block is
+cast to its parameter's dtype on the way into a product and back on the way out.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+# Widest first: the flat space takes the first of these present among the parameters.
+_DTYPE_WIDTH = {
+    torch.float64: 4,
+    torch.float32: 3,
+    torch.bfloat16: 2,
+    torch.float16: 1,
+}
+
+
+def select_parameters(
+    model: nn.Module, params: Sequence[nn.Parameter | str] | None = None
+) -> tuple[list[str], list[nn.Parameter]]:
+    """Resolve a parameter selection against a model.
+
+    Args:
+        model: The module whose parameters are selected.
+        params: ``None`` (all parameters that require grad), a sequence of parameter
+            objects of ``model``, or a sequence of names / glob patterns
+            (``"fc1.*"``, ``"*.bias"``) matched against ``model.named_parameters()``.
+
+    Returns:
+        The selected names and parameters, in the model's parameter order.
+
+    Raises:
+        ValueError: If a pattern matches nothing, a parameter is not in the model,
+            an entry is selected twice, or the selection is empty.
+        TypeError: If a selected parameter is not floating point or entries mix kinds.
+    """
+    named = list(model.named_parameters())
+    if params is None:
+        chosen = [(n, p) for n, p in named if p.requires_grad]
+    else:
+        params = list(params)
+        if all(isinstance(p, str) for p in params):
+            chosen_names: set[str] = set()
+            for pattern in params:
+                hits = [n for n, _ in named if fnmatch.fnmatchcase(n, pattern)]
+                if not hits:
+                    raise ValueError(
+                        f"parameter pattern {pattern!r} matches no parameter of the model; "
+                        f"names look like {[n for n, _ in named[:4]]}"
+                    )
+                chosen_names.update(hits)
+            chosen = [(n, p) for n, p in named if n in chosen_names]
+        elif all(isinstance(p, Tensor) for p in params):
+            by_id = {id(p): n for n, p in named}
+            seen: set[int] = set()
+            for p in params:
+                if id(p) not in by_id:
+                    raise ValueError("a parameter in `params` does not belong to the model")
+                if id(p) in seen:
+                    raise ValueError(f"parameter {by_id[id(p)]!r} is selected twice")
+                seen.add(id(p))
+            chosen = [(n, p) for n, p in named if id(p) in seen]
+        else:
+            raise TypeError("`params` must be parameters of the model or names/glob patterns")
+    if not chosen:
+        raise ValueError("the parameter selection is empty (no parameter requires grad?)")
+    for n, p in chosen:
+        if p.dtype not in _DTYPE_WIDTH:
+            raise TypeError(
+                f"parameter {n!r} has dtype {p.dtype}; only floating dtypes are supported"
+            )
+    return [n for n, _ in chosen], [p for _, p in chosen]
+
+
+@dataclass(frozen=True)
+class ParameterSpace:
+    """The flat vector space of a parameter selection.
+
+    Attributes:
+        names: Parameter names, in flat order.
+        shapes: Each parameter's shape.
+        dtypes: Each parameter's dtype.
+        dtype: The flat vector's dtype (widest among ``dtypes``).
+        device: The parameters' device.
+    """
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+    dtypes: tuple[torch.dtype, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+    @classmethod
+    def from_parameters(cls, names: Sequence[str], params: Sequence[Tensor]) -> ParameterSpace:
+        """Describe the flat space of ``params``.
+
+        Raises:
+            ValueError: If the parameters live on different devices.
+        """
+        devices = {p.device for p in params}
+        if len(devices) != 1:
+            raise ValueError(
+                f"selected parameters live on several devices: {sorted(map(str, devices))}"
+            )
+        dtypes = tuple(p.dtype for p in params)
+        widest = max(dtypes, key=lambda d: _DTYPE_WIDTH[d])
+        return cls(tuple(names), tuple(p.shape for p in params), dtypes, widest, devices.pop())
+
+    @property
+    def numels(self) -> tuple[int, ...]:
+        """Number of entries of each parameter."""
+        return tuple(int(torch.Size(s).numel()) for s in self.shapes)
+
+    @property
+    def size(self) -> int:
+        """Dimension n of the flat space."""
+        return sum(self.numels)
+
+    def flatten(self, tensors: Sequence[Tensor]) -> Tensor:
+        """Concatenate per-parameter tensors into one flat vector (in ``self.dtype``).
+
+        A leading batch dimension is kept: tensors of shape ``(m, *shape_i)`` give an
+        ``(m, n)`` result.
+        """
+        if len(tensors) != len(self.shapes):
+            raise ValueError(f"expected {len(self.shapes)} tensors, got {len(tensors)}")
+        batched = tensors[0].dim() == len(self.shapes[0]) + 1
+        parts = []
+        for t, shape, name in zip(tensors, self.shapes, self.names, strict=True):
+            expected = t.shape[1:] if batched else t.shape
+            if expected != shape:
+                raise ValueError(
+                    f"tensor for {name!r} has shape {tuple(t.shape)}, expected {tuple(shape)}"
+                )
+            parts.append(t.reshape(t.shape[0], -1) if batched else t.reshape(-1))
+        return torch.cat([p.to(self.dtype) for p in parts], dim=-1)
+
+    def unflatten(self, vector: Tensor, *, cast: bool = True) -> list[Tensor]:
+        """Split a flat vector (or an ``(m, n)`` batch of them) into per-parameter tensors.
+
+        Args:
+            vector: Shape ``(n,)`` or ``(m, n)``.
+            cast: Cast each block to its parameter's dtype (else keep the vector's dtype).
+        """
+        if vector.shape[-1] != self.size or vector.dim() not in (1, 2):
+            raise ValueError(
+                f"expected a vector of length {self.size} or an (m, {self.size}) batch"
+            )
+        lead = vector.shape[:-1]
+        blocks = torch.split(vector, self.numels, dim=-1)
+        return [
+            b.reshape(*lead, *s).to(d) if cast else b.reshape(*lead, *s)
+            for b, s, d in zip(blocks, self.shapes, self.dtypes, strict=True)
+        ]
