@@ -19,6 +19,8 @@ class IdentityOperator(LinearOperatorBase):
         device: Vector device.
     """
 
+    is_psd = True
+
     def __init__(self, n: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
         self.shape = (int(n), int(n))
         self.dtype = dtype
@@ -39,6 +41,7 @@ class ScaledOperator(LinearOperatorBase):
     def __init__(self, op: LinearOperatorBase, scalar: float) -> None:
         self.op, self.scalar = op, float(scalar)
         self.shape, self.dtype, self.device = op.shape, op.dtype, op.device
+        self.is_psd = op.is_psd and self.scalar >= 0.0
 
     def _matmat(self, V: Tensor) -> Tensor:
         return self.scalar * self.op._matmat(V)
@@ -73,6 +76,7 @@ class SumOperator(LinearOperatorBase):
                 raise ValueError(f"cannot add operators on {first.device} and {op.device}")
         self.ops = flat
         self.shape, self.dtype, self.device = first.shape, first.dtype, first.device
+        self.is_psd = all(op.is_psd for op in flat)
 
     def _matmat(self, V: Tensor) -> Tensor:
         out = self.ops[0]._matmat(V)

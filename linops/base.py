@@ -29,6 +29,8 @@ class LinearOperatorBase:
     shape: tuple[int, int]
     dtype: torch.dtype
     device: torch.device
+    #: Whether the operator is known to be positive semi-definite.
+    is_psd: bool = False
 
     # --- products -------------------------------------------------------------------------
     def _matmat(self, V: Tensor) -> Tensor:  # pragma: no cover - abstract

@@ -18,12 +18,7 @@ def _is_single_batch(data: Any) -> bool:
     if isinstance(data, dict):
         return True
     # (inputs, targets) with a tensor target; a list of two batches has batches as items.
-    return (
-        isinstance(data, (tuple, list))
-        and len(data) == 2
-        and isinstance(data[1], Tensor)
-        and not isinstance(data[0], dict)
-    )
+    return isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], Tensor)
 
 
 class DataSource:

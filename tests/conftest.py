@@ -1,4 +1,9 @@
-"""Shared pytest configuration: GPU tests skip without CUDA, HF tests without transformers."""
+"""Shared pytest configuration.
+
+GPU tests skip without CUDA, HF tests without transformers. The suite runs torch on one
+thread: the models under test are tiny, and two torch threads fighting numpy's on a 2-core
+machine made some tests up to 100x slower (measured).
+"""
 
 from __future__ import annotations
 
@@ -17,3 +22,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(no_cuda)
         if "hf" in item.keywords and not has_hf:
             item.add_marker(no_hf)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def single_torch_thread():
+    """One torch thread for the whole session, restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
