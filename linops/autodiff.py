@@ -36,7 +36,9 @@ def batched_vjp(
     """
     m = cotangents[0].shape[0]
     pairs = [
-        (o, w) for o, w in zip(outputs, cotangents, strict=True) if o is not None and o.requires_grad
+        (o, w)
+        for o, w in zip(outputs, cotangents, strict=True)
+        if o is not None and o.requires_grad
     ]
     if not pairs:
         return [torch.zeros(m, *x.shape, dtype=x.dtype, device=x.device) for x in inputs]

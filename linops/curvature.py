@@ -17,18 +17,45 @@ Each product is one pass over the data, accumulated over (micro-)batches, so the
 operator does not depend on how the data is split. Jacobian-vector products use
 the double-vjp trick (reverse mode only), which also works where forward-mode AD
 does not.
+
+Every micro-batch's product is split into a *prepare* step (the forward pass and the
+first-order graph, independent of the vector) and an *apply* step (the backward
+pass(es) that take the vectors, all ``m`` columns of a ``matmat`` in one batched
+backward). With ``cache="auto"`` the prepared states of all micro-batches are kept
+across products when they fit ``cache_budget_bytes`` (:mod:`curvops.linops.cache`), so
+a product costs only the apply steps:
+
+* Hessian: the ``create_graph`` gradient; apply = one double backward;
+* GGN / Fisher: predictions, the :math:`J^\top u` graph and the output-Hessian data
+  (softmax / sampled MC gradients); apply = the double-vjp :math:`Jv` backward and one
+  :math:`J^\top` backward;
+* empirical Fisher: the per-example gradient matrix :math:`G` when it fits and is no
+  larger than the graph it replaces (apply =
+  :math:`c\, G^\top (G V)`, two matrix products), else the per-example-loss graph.
+
+A parameter change after the cache was built (optimizer step, ``load_state_dict``,
+edits through ``.data``) is detected and the cache rebuilt: products are never stale.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
 
 from .autodiff import batched_vjp
 from .base import LinearOperatorBase
+from .cache import (
+    ProductCache,
+    check_cache_arguments,
+    default_cache_budget,
+    parameter_fingerprint,
+    state_bytes,
+)
 from .checks import (
     check_finite_parameters,
     check_no_train_mode_batchnorm,
@@ -37,8 +64,24 @@ from .checks import (
 from .data import DataSource
 from .objective import Count, Objective, Rows, as_objective
 from .params import ParameterSpace, select_parameters
+from .per_example import per_example_gradients
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _add_content(acc: list[Tensor] | None, batch: Any) -> list[Tensor]:
+    """Add a batch's order-independent content summary (per tensor leaf: float64 sum and
+    sum of squares) to ``acc``."""
+    leaves = [t for t in tree_flatten(batch)[0] if isinstance(t, Tensor)]
+    stats = [
+        torch.stack([t.detach().double().sum(), t.detach().double().square().sum()]).cpu()
+        for t in leaves
+    ]
+    if acc is None:
+        return stats
+    if len(stats) != len(acc):
+        return acc + [torch.full((2,), float("nan"))]  # a different structure: never equal
+    return [a + b for a, b in zip(acc, stats)]
 
 
 class CurvatureOperator(LinearOperatorBase):
@@ -54,13 +97,29 @@ class CurvatureOperator(LinearOperatorBase):
         micro_batch_size: Split every batch into micro-batches of at most this many
             examples and accumulate (changes only round-off).
         check_deterministic: Run the model twice on the first micro-batch and refuse
-            differing outputs (dropout left on); also checks outputs and loss are finite.
+            differing outputs (dropout left on); also checks outputs and loss are finite,
+            and that a second pass over the data holds the same examples (in any order;
+            random augmentation is refused). Every product also refuses NaN/Inf outputs.
+        cache: ``"auto"`` (default): keep each micro-batch's prepared state (forward
+            pass and first-order graph) across products when all of them fit
+            ``cache_budget_bytes``, built by the first product and rebuilt when the
+            parameters change; ``"none"``: every product from scratch. Results are the
+            same up to round-off. The cache assumes the data does not change after
+            construction (the operator is one fixed matrix).
+        cache_budget_bytes: Memory the cache may hold; default 25 % of the memory
+            available on the device at construction
+            (:data:`curvops.linops.cache.DEFAULT_BUDGET_FRACTION`).
 
     Attributes:
         objective: The objective (loss, normalisation, sample unit).
         space: The flat parameter space.
         normalizer: The factor ``c`` of the total loss.
         total: Examples and loss terms over the whole data.
+        cache: The cache mode, ``"auto"`` or ``"none"``.
+        cache_budget_bytes: The cache's memory budget (settable).
+        cache_active: Whether products are served from cached states.
+        cache_bytes: Memory the cached states hold.
+        cache_info: A summary dict (mode, kind, bytes, budget, status).
     """
 
     name = "curvature"
@@ -75,7 +134,10 @@ class CurvatureOperator(LinearOperatorBase):
         *,
         micro_batch_size: int | None = None,
         check_deterministic: bool = True,
+        cache: str = "auto",
+        cache_budget_bytes: int | None = None,
     ) -> None:
+        check_cache_arguments(cache, cache_budget_bytes)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
@@ -98,14 +160,60 @@ class CurvatureOperator(LinearOperatorBase):
         check_no_train_mode_batchnorm(model)
         self.data = DataSource(data)
         total = Count(0, 0)
+        content = None
         for batch in self.data:
             total = total + self.objective.count(batch)
+            if check_deterministic:
+                content = _add_content(content, batch)
         if total.examples == 0 or total.terms == 0:
             raise ValueError("data is empty: no examples / loss terms")
         self.total = total
         self.normalizer = self.objective.normalizer(total)
         if check_deterministic:
+            self._check_same_data(content)
             self._check_deterministic()
+        budget = (
+            default_cache_budget(self.device) if cache_budget_bytes is None else cache_budget_bytes
+        )
+        self._cache = ProductCache(cache, budget)
+
+    # --- cache ----------------------------------------------------------------------------
+    @property
+    def cache(self) -> str:
+        """The cache mode: ``"auto"`` or ``"none"``."""
+        return self._cache.mode
+
+    @property
+    def cache_active(self) -> bool:
+        """Whether products are served from cached states (built by the first product)."""
+        return self._cache.active
+
+    @property
+    def cache_bytes(self) -> int:
+        """Memory held by the cached states, in bytes."""
+        return self._cache.nbytes
+
+    @property
+    def cache_budget_bytes(self) -> int:
+        """The most memory the cached states may hold."""
+        return self._cache.budget_bytes
+
+    @cache_budget_bytes.setter
+    def cache_budget_bytes(self, budget: int) -> None:
+        check_cache_arguments(self._cache.mode, budget)
+        self._cache.budget_bytes = budget
+        if self._cache.nbytes > budget:
+            self._cache.clear()
+        self._cache.too_large = False
+
+    @property
+    def cache_info(self) -> dict[str, Any]:
+        """Mode, what is cached, bytes held, budget, number of builds and a status line."""
+        return self._cache.info()
+
+    def clear_cache(self) -> None:
+        """Free the cached states; the next product rebuilds them (``cache="auto"``)."""
+        self._cache.clear()
 
     # --- helpers --------------------------------------------------------------------------
     @property
@@ -143,7 +251,38 @@ class CurvatureOperator(LinearOperatorBase):
                 offset += self.objective.count(part).examples
 
     def _rows(self, batch: Any) -> Rows:
-        return self.objective.rows(self.model, self._param_dict(), batch)
+        """The micro-batch's rows; refuses NaN/Inf in predictions or targets."""
+        rows = self.objective.rows(self.model, self._param_dict(), batch)
+        if not bool(torch.isfinite(rows.predictions.detach()).all()):
+            raise ValueError("the model's outputs contain NaN or Inf (in some batch of the data)")
+        if rows.targets.is_floating_point() and not bool(torch.isfinite(rows.targets).all()):
+            raise ValueError("the targets contain NaN or Inf (in some batch of the data)")
+        return rows
+
+    def _check_same_data(self, content: list[Tensor] | None) -> None:
+        """A second pass over the data must hold the same examples (in any order).
+
+        Compares order-independent float64 sums (of values and squares) of every tensor
+        in the batches, so shuffling passes and random augmentation does not.
+        """
+        again = None
+        for batch in self.data:
+            again = _add_content(again, batch)
+        same = (
+            content is not None
+            and again is not None
+            and len(content) == len(again)
+            and all(
+                torch.allclose(a, b, rtol=1e-9, atol=0.0, equal_nan=True)
+                for a, b in zip(content, again)
+            )
+        )
+        if not same:
+            raise ValueError(
+                "the data differs between two passes (random augmentation or a loader that "
+                "yields new data each pass?); every product replays the data, so the curvature "
+                "would not be one fixed matrix. Pass check_deterministic=False to skip this check"
+            )
 
     def _check_deterministic(self) -> None:
         first, _ = next(iter(self.micro_batches()))
@@ -167,53 +306,183 @@ class CurvatureOperator(LinearOperatorBase):
     # --- products -------------------------------------------------------------------------
     def _matmat(self, V: Tensor) -> Tensor:
         acc_dtype = torch.float32 if self.dtype in _LOW_PRECISION else self.dtype
-        blocks = self.space.unflatten(V.T.contiguous())
-        acc = torch.zeros(V.shape[1], self.shape[0], dtype=acc_dtype, device=self.device)
+        Vt = V.T.contiguous()  # (m, n): one row per column of V
+        blocks = self.space.unflatten(Vt)
+        acc: Tensor | None = None
+
+        def accumulate(contrib: Tensor) -> None:
+            nonlocal acc
+            contrib = contrib.to(acc_dtype)  # a fresh tensor from _apply: safe to add into
+            acc = contrib if acc is None else acc.add_(contrib)
+
+        cache = self._cache
         with self.objective.product_context(self.model):
-            for batch, offset in self.micro_batches():
-                contrib = self._batch_product(batch, offset, blocks)
-                acc += self.space.flatten(contrib).to(acc_dtype)
+            wants_cache = cache.mode == "auto" and not cache.too_large
+            fingerprint = parameter_fingerprint(self.model) if wants_cache else None
+            if fingerprint is not None and cache.serving(fingerprint):
+                for state in cache.states:
+                    accumulate(self._apply(state, Vt, blocks, keep=True))
+            else:
+                building = fingerprint is not None and cache.may_build()
+                for batch, offset in self.micro_batches():
+                    if building:
+                        state, nbytes = self._prepare_measured(batch, offset)
+                        first = not cache.states
+                        if first and self._estimated_total(batch, nbytes) > cache.budget_bytes:
+                            cache.reject()  # the first micro-batch already shows it cannot fit
+                            building = False
+                        else:
+                            building = cache.offer(state, nbytes)
+                    else:
+                        state = self._prepare(batch, offset, for_cache=False)
+                    accumulate(self._apply(state, Vt, blocks, keep=building))
+                    del state
+                if building and fingerprint is not None:
+                    cache.seal(fingerprint, cache.states[0].kind)
+        assert acc is not None  # the data is never empty (checked at construction)
         return acc.T.to(self.dtype)
 
-    def _batch_product(self, batch: Any, offset: int, V: list[Tensor]) -> list[Tensor]:
-        """This batch's contribution to ``A V`` for per-parameter ``(m, *shape)`` blocks."""
+    def _estimated_total(self, batch: Any, nbytes: int) -> float:
+        """The whole data's cache size, extrapolated from one micro-batch's ``nbytes``."""
+        examples = self.objective.count(batch).examples
+        return nbytes * self.total.examples / max(examples, 1)
+
+    def _prepare_measured(self, batch: Any, offset: int) -> tuple[_PreparedState, int]:
+        """Prepare a micro-batch's state for the cache and measure the memory it holds."""
+        if self.device.type == "cuda":
+            before = torch.cuda.memory_allocated(self.device)
+            state = self._prepare(batch, offset, for_cache=True)
+            return state, max(torch.cuda.memory_allocated(self.device) - before, 0)
+        state = self._prepare(batch, offset, for_cache=True)
+        exclude = [*self.model.parameters(), *self.model.buffers()]
+        return state, state_bytes(state.tensors(), exclude)
+
+    def _prepare(self, batch: Any, offset: int, *, for_cache: bool) -> _PreparedState:
+        """The vector-independent part of a micro-batch's product (forward, first-order graph)."""
+        raise NotImplementedError  # pragma: no cover
+
+    def _apply(
+        self, state: _PreparedState, Vt: Tensor, blocks: list[Tensor], *, keep: bool
+    ) -> Tensor:
+        """The micro-batch's contribution to ``(A V)ᵀ``, ``(m, n)``, from its prepared state.
+
+        Args:
+            state: From :meth:`_prepare`.
+            Vt: The vectors as rows, ``(m, n)``.
+            blocks: The same vectors as per-parameter ``(m, *shape)`` blocks.
+            keep: Keep the state's graph for later products.
+        """
         raise NotImplementedError  # pragma: no cover
 
 
+@dataclass
+class _PreparedState:
+    """What a micro-batch's products share; ``tensors()`` lists what it keeps alive."""
+
+    kind = "graph"
+
+    def tensors(self) -> list[Tensor | None]:
+        raise NotImplementedError  # pragma: no cover
+
+
+@dataclass
+class _GradientState(_PreparedState):
+    """Hessian: the ``create_graph`` gradient of the micro-batch's share of ``L``."""
+
+    gradients: tuple[Tensor | None, ...]
+
+    def tensors(self) -> list[Tensor | None]:
+        return list(self.gradients)
+
+
+@dataclass
+class _SandwichState(_PreparedState):
+    r"""Jacobian sandwich: outputs ``F``, the dummy ``u``, :math:`J^\top u` and the middle data."""
+
+    outputs: Tensor
+    dummy: Tensor
+    vjp: tuple[Tensor | None, ...]
+    middle: Tensor | None
+
+    def tensors(self) -> list[Tensor | None]:
+        return [self.outputs, self.dummy, *self.vjp, self.middle]
+
+
+@dataclass
+class _GradientMatrixState(_PreparedState):
+    """Empirical Fisher: the ``(N, n)`` per-example gradients of the micro-batch."""
+
+    gradients: Tensor
+    kind = "per_example_gradients"
+
+    def tensors(self) -> list[Tensor | None]:
+        return [self.gradients]
+
+
 class HessianOperator(CurvatureOperator):
-    r"""The Hessian :math:`\nabla^2_\theta L` of the total loss (autograd double backward)."""
+    r"""The Hessian :math:`\nabla^2_\theta L` of the total loss (autograd double backward).
+
+    Prepare: the ``create_graph`` gradient :math:`g = \nabla (c \sum \ell_r)` of a
+    micro-batch; apply: :math:`\nabla \langle g, v \rangle` for all columns in one
+    batched double backward.
+    """
 
     name = "hessian"
 
-    def _batch_product(self, batch: Any, offset: int, V: list[Tensor]) -> list[Tensor]:
+    def _prepare(self, batch: Any, offset: int, *, for_cache: bool) -> _PreparedState:
         with torch.enable_grad():
             rows = self._rows(batch)
             loss = self.objective.kind.row_losses(rows.predictions, rows.targets).sum()
             grads = torch.autograd.grad(
                 loss * self.normalizer, self.params, create_graph=True, allow_unused=True
             )
-            return batched_vjp(grads, self.params, V)
+        return _GradientState(tuple(grads))
+
+    def _apply(
+        self, state: _PreparedState, Vt: Tensor, blocks: list[Tensor], *, keep: bool
+    ) -> Tensor:
+        assert isinstance(state, _GradientState)
+        return self.space.flatten(
+            batched_vjp(state.gradients, self.params, blocks, retain_graph=keep)
+        )
 
 
 class _JacobianSandwich(CurvatureOperator):
-    r"""Operators of the form :math:`c \sum_r J_r^\top M_r J_r` with per-row PSD :math:`M_r`."""
+    r"""Operators of the form :math:`c \sum_r J_r^\top M_r J_r` with per-row PSD :math:`M_r`.
+
+    Prepare: the predictions :math:`F`, a dummy :math:`u` and :math:`J^\top u` with
+    ``create_graph``, plus what :math:`M_r` needs. Apply: :math:`JV` by the double-vjp
+    trick (one backward to :math:`u`), :math:`M JV`, then one backward :math:`J^\top(\cdot)`.
+    """
 
     is_psd = True
 
-    def _output_matmul(self, rows: Rows, offset: int, JV: Tensor) -> Tensor:
+    def _middle(self, rows: Rows, offset: int) -> Tensor | None:
+        """What :meth:`_middle_matmul` needs of a micro-batch (computed once per state)."""
+        raise NotImplementedError  # pragma: no cover
+
+    def _middle_matmul(self, middle: Tensor | None, JV: Tensor) -> Tensor:
         """Apply each row's middle matrix :math:`M_r` to ``JV`` of shape ``(m, R, C)``."""
         raise NotImplementedError  # pragma: no cover
 
-    def _batch_product(self, batch: Any, offset: int, V: list[Tensor]) -> list[Tensor]:
+    def _prepare(self, batch: Any, offset: int, *, for_cache: bool) -> _PreparedState:
         with torch.enable_grad():
             rows = self._rows(batch)
             F_ = rows.predictions
             # Double-vjp: Jᵀu is linear in the dummy u, so d⟨Jᵀu, v⟩/du = J v.
             u = torch.zeros_like(F_, requires_grad=True)
             JTu = torch.autograd.grad(F_, self.params, u, create_graph=True, allow_unused=True)
-            (JV,) = batched_vjp(JTu, [u], V)
-            MJV = self._output_matmul(rows, offset, JV) * self.normalizer
-            return batched_vjp([F_], self.params, [MJV])
+        return _SandwichState(F_, u, tuple(JTu), self._middle(rows, offset))
+
+    def _apply(
+        self, state: _PreparedState, Vt: Tensor, blocks: list[Tensor], *, keep: bool
+    ) -> Tensor:
+        assert isinstance(state, _SandwichState)
+        (JV,) = batched_vjp(state.vjp, [state.dummy], blocks, retain_graph=keep)
+        MJV = self._middle_matmul(state.middle, JV) * self.normalizer
+        return self.space.flatten(
+            batched_vjp([state.outputs], self.params, [MJV], retain_graph=keep)
+        )
 
 
 class GGNOperator(_JacobianSandwich):
@@ -221,8 +490,12 @@ class GGNOperator(_JacobianSandwich):
 
     name = "ggn"
 
-    def _output_matmul(self, rows: Rows, offset: int, JV: Tensor) -> Tensor:
-        return self.objective.kind.hessian_matmul(rows.predictions, JV)
+    def _middle(self, rows: Rows, offset: int) -> Tensor | None:
+        return rows.predictions.detach()
+
+    def _middle_matmul(self, middle: Tensor | None, JV: Tensor) -> Tensor:
+        assert middle is not None
+        return self.objective.kind.hessian_matmul(middle, JV)
 
 
 def _example_uniforms(
@@ -241,6 +514,8 @@ def _example_uniforms(
             (int(seed) * 0x9E3779B97F4A7C15 + offset + local) % (2**63)
         )
         parts.append(torch.rand(samples, count, per_row, generator=gen, dtype=torch.float64))
+    if not parts:  # every target of the micro-batch is ignored: no rows
+        return torch.empty(samples, 0, per_row, dtype=torch.float64, device=device)
     return torch.cat(parts, dim=1).to(device)
 
 
@@ -252,7 +527,9 @@ class FisherOperator(_JacobianSandwich):
     expectation by ``mc_samples`` draws per row, drawn from the model at the current
     parameters and keyed by ``(seed, global example index)``, so every product uses
     the same labels and the operator is one fixed matrix. Keying by example index
-    needs the data in a fixed order (no shuffling loader).
+    needs the data in a fixed order (no shuffling loader). With the cache, the sampled
+    gradients are kept with each micro-batch's state (and redrawn when the parameters
+    change, as the fresh products would).
 
     Args:
         mode: ``"exact"`` or ``"mc"``.
@@ -291,25 +568,60 @@ class FisherOperator(_JacobianSandwich):
         )
         return kind.row_gradients(F_, kind.sample(F_, U))
 
-    def _output_matmul(self, rows: Rows, offset: int, JV: Tensor) -> Tensor:
+    def _middle(self, rows: Rows, offset: int) -> Tensor | None:
         if self.mode == "exact":
-            return self.objective.kind.hessian_matmul(rows.predictions, JV)
-        G = self.sampled_row_gradients(rows, offset)
-        coef = torch.einsum("src,mrc->msr", G, JV)
-        return torch.einsum("msr,src->mrc", coef, G) / self.mc_samples
+            return rows.predictions.detach()
+        return self.sampled_row_gradients(rows, offset)
+
+    def _middle_matmul(self, middle: Tensor | None, JV: Tensor) -> Tensor:
+        assert middle is not None
+        if self.mode == "exact":
+            return self.objective.kind.hessian_matmul(middle, JV)
+        coef = torch.einsum("src,mrc->msr", middle, JV)
+        return torch.einsum("msr,src->mrc", coef, middle) / self.mc_samples
 
 
 class EmpiricalFisherOperator(CurvatureOperator):
     r"""The empirical Fisher :math:`c \sum_n \nabla\ell_n \nabla\ell_n^\top`.
 
-    With :math:`J_\ell` the Jacobian of the vector of per-example losses, the product is
-    :math:`c\, J_\ell^\top (J_\ell v)`: one forward pass, no per-example gradients.
+    With :math:`J_\ell` the Jacobian of the vector of per-example losses, a fresh product
+    is :math:`c\, J_\ell^\top (J_\ell v)`: one forward pass, no per-example gradients.
+    Cached (``cache="auto"``), each micro-batch keeps its per-example gradient matrix
+    :math:`G = J_\ell` when the whole data's :math:`G` (``N x n``) fits the budget and
+    is no larger than the per-example-loss graph it replaces (products with :math:`G`
+    are memory-bound: worth it for weight-shared models such as transformers, not for
+    wide MLPs), and a product is :math:`c\, G^\top (G V)`; otherwise it keeps the graph.
     """
 
     name = "empirical_fisher"
     is_psd = True
 
-    def _batch_product(self, batch: Any, offset: int, V: list[Tensor]) -> list[Tensor]:
+    def _gradient_matrix_fits(self) -> bool:
+        itemsize = torch.finfo(self.dtype).bits // 8
+        return self.total.examples * self.shape[0] * itemsize <= self._cache.budget_bytes
+
+    def _prepare(self, batch: Any, offset: int, *, for_cache: bool) -> _PreparedState:
+        graph = self._prepare_graph(batch)
+        if not (for_cache and self._gradient_matrix_fits()):
+            return graph
+        # G V reads G twice and is memory-bound; the graph's apply is two backward passes
+        # over what the graph saved. Keep G only when it is no larger than that graph
+        # (true for weight-shared models such as transformers, false for wide MLPs).
+        itemsize = torch.finfo(self.dtype).bits // 8
+        g_bytes = int(graph.outputs.shape[0]) * self.shape[0] * itemsize
+        exclude = [*self.model.parameters(), *self.model.buffers()]
+        if g_bytes > state_bytes(graph.tensors(), exclude):
+            return graph
+        del graph
+        G = per_example_gradients(self.model, self.objective, batch, self.params)
+        if not bool(torch.isfinite(G).all()):
+            raise ValueError(
+                "the per-example gradients contain NaN or Inf (NaN/Inf in the model's "
+                "outputs or loss in some batch of the data)"
+            )
+        return _GradientMatrixState(G)
+
+    def _prepare_graph(self, batch: Any) -> _SandwichState:
         with torch.enable_grad():
             rows = self._rows(batch)
             row_losses = self.objective.kind.row_losses(rows.predictions, rows.targets)
@@ -318,5 +630,16 @@ class EmpiricalFisherOperator(CurvatureOperator):
             ).index_add(0, rows.example_index, row_losses)
             u = torch.zeros_like(losses, requires_grad=True)
             JTu = torch.autograd.grad(losses, self.params, u, create_graph=True, allow_unused=True)
-            (JV,) = batched_vjp(JTu, [u], V)
-            return batched_vjp([losses], self.params, [JV * self.normalizer])
+        return _SandwichState(losses, u, tuple(JTu), None)
+
+    def _apply(
+        self, state: _PreparedState, Vt: Tensor, blocks: list[Tensor], *, keep: bool
+    ) -> Tensor:
+        if isinstance(state, _GradientMatrixState):
+            G = state.gradients
+            return (Vt @ G.T) @ G * self.normalizer
+        assert isinstance(state, _SandwichState)
+        (JV,) = batched_vjp(state.vjp, [state.dummy], blocks, retain_graph=keep)
+        return self.space.flatten(
+            batched_vjp([state.outputs], self.params, [JV * self.normalizer], retain_graph=keep)
+        )
