@@ -9,9 +9,11 @@ from .curvature import (
     GGNOperator,
     HessianOperator,
 )
+from .gram import GramOperator
 from .losses import LossKind, TorchLoss
 from .objective import Count, Objective, Rows, TorchObjective
 from .params import ParameterSpace, select_parameters
+from .per_example import GradientChunk, per_example_gradient_chunks, per_example_gradients
 
 __all__ = [
     "Count",
@@ -19,6 +21,8 @@ __all__ = [
     "EmpiricalFisherOperator",
     "FisherOperator",
     "GGNOperator",
+    "GradientChunk",
+    "GramOperator",
     "HessianOperator",
     "IdentityOperator",
     "LinearOperatorBase",
@@ -30,5 +34,7 @@ __all__ = [
     "SumOperator",
     "TorchLoss",
     "TorchObjective",
+    "per_example_gradient_chunks",
+    "per_example_gradients",
     "select_parameters",
 ]
