@@ -1,0 +1,174 @@
+"""One internal view of every operator the solvers accept.
+
+The solvers work on torch vectors. Users hand them curvops operators, scipy
+``LinearOperator`` objects, dense numpy arrays, dense torch tensors, scipy sparse
+matrices or any object with ``shape`` and ``matvec``. :func:`as_operator` wraps each
+of them into a :class:`TorchOperator`: a callable on 1-D torch vectors with
+``n``, ``dtype`` and ``device``, that never casts silently, and a ``matmat`` on
+``(n, m)`` blocks that makes **one** batched product where the operator has one
+(curvops operators, torch and numpy matrices, scipy ``LinearOperator.matmat``) and loops
+over columns otherwise. The one documented
+conversion is the numpy boundary of scipy-style operators (torch -> numpy on the CPU
+and back), because numpy code cannot take torch tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = ["TorchOperator", "as_operator"]
+
+_NUMPY_TO_TORCH = {
+    np.dtype(np.float32): torch.float32,
+    np.dtype(np.float64): torch.float64,
+    np.dtype(np.float16): torch.float16,
+}
+
+
+@dataclass(frozen=True)
+class TorchOperator:
+    """A square symmetric operator acting on 1-D torch vectors.
+
+    Attributes:
+        n: The dimension (the operator is n x n).
+        dtype: The dtype the operator takes and returns.
+        device: The device of its input and output vectors.
+        apply: ``apply(v) -> A @ v`` for a 1-D tensor of length n in ``dtype`` on ``device``.
+        kind: What was wrapped (for messages): "torch", "numpy", "scipy", "torch-operator".
+        apply_block: ``apply_block(V) -> A @ V`` for an ``(n, m)`` block in one call, or
+            None (then :meth:`matmat` loops over columns).
+    """
+
+    n: int
+    dtype: torch.dtype
+    device: torch.device
+    apply: Callable[[torch.Tensor], torch.Tensor]
+    kind: str
+    apply_block: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        return self.apply(v)
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """:math:`AV` for an ``(n, m)`` block: one batched product when the operator has one.
+
+        Raises:
+            ValueError: ``V`` is not ``(n, m)``, or the operator returned another shape.
+        """
+        if V.ndim != 2 or V.shape[0] != self.n:
+            raise ValueError(f"matmat needs an (n={self.n}, m) block, got {tuple(V.shape)}")
+        if self.apply_block is None:
+            out = torch.stack([self.apply(V[:, j]) for j in range(V.shape[1])], dim=1)
+        else:
+            out = self.apply_block(V)
+        if tuple(out.shape) != tuple(V.shape):
+            raise ValueError(
+                f"operator returned shape {tuple(out.shape)} for input {tuple(V.shape)}"
+            )
+        return out
+
+
+def _square_n(shape: object) -> int:
+    try:
+        dims = tuple(int(s) for s in shape)  # type: ignore[union-attr]
+    except TypeError as err:
+        raise TypeError(f"operator shape must be a pair of ints, got {shape!r}") from err
+    if len(dims) != 2 or dims[0] != dims[1]:
+        raise ValueError(f"operator must be square (n, n), got shape {dims}")
+    if dims[0] < 1:
+        raise ValueError(f"operator must have n >= 1, got shape {dims}")
+    return dims[0]
+
+
+def _numpy_product(product: Callable, np_dtype: np.dtype) -> Callable:
+    """Wrap a numpy-in/numpy-out product (matvec or matmat) into a torch one (CPU)."""
+
+    def apply(v: torch.Tensor) -> torch.Tensor:
+        out = np.asarray(product(v.detach().cpu().numpy()))
+        if out.dtype != np_dtype:
+            # The operator itself changed dtype; make that visible instead of guessing.
+            raise TypeError(
+                f"operator returned dtype {out.dtype}, expected {np_dtype} (its declared dtype)"
+            )
+        return torch.from_numpy(np.ascontiguousarray(out.reshape(v.shape)))
+
+    return apply
+
+
+def as_operator(A: object) -> TorchOperator:
+    """Wrap ``A`` into a :class:`TorchOperator`.
+
+    Accepted: a curvops operator (or any object whose ``dtype`` is a torch dtype and
+    whose ``matvec`` takes torch vectors), a ``torch.Tensor`` (n, n), a
+    ``numpy.ndarray`` (n, n), a scipy sparse matrix, a
+    ``scipy.sparse.linalg.LinearOperator``, or any object with ``shape`` and ``matvec``
+    taking numpy vectors.
+
+    Args:
+        A: The operator.
+
+    Returns:
+        The wrapped operator.
+
+    Raises:
+        TypeError: For objects with no ``shape``/``matvec``, or unsupported dtypes.
+        ValueError: For non-square shapes.
+    """
+    if isinstance(A, TorchOperator):
+        return A
+    if isinstance(A, torch.Tensor):
+        if A.ndim != 2:
+            raise ValueError(f"a dense operator must be a 2-D matrix, got {A.ndim}-D")
+        n = _square_n(A.shape)
+        if not A.is_floating_point():
+            raise TypeError(f"dense operator must have a floating dtype, got {A.dtype}")
+        mat = A.detach()
+        return TorchOperator(n, mat.dtype, mat.device, mat.matmul, "torch", mat.matmul)
+    if isinstance(A, np.ndarray):
+        if A.ndim != 2:
+            raise ValueError(f"a dense operator must be a 2-D matrix, got {A.ndim}-D")
+        n = _square_n(A.shape)
+        if A.dtype not in _NUMPY_TO_TORCH:
+            raise TypeError(f"dense operator dtype must be float16/32/64, got {A.dtype}")
+        mat = torch.from_numpy(np.ascontiguousarray(A))
+        return TorchOperator(n, mat.dtype, mat.device, mat.matmul, "numpy", mat.matmul)
+
+    try:  # scipy sparse matrices have shape and dot but no matvec
+        import scipy.sparse as sp
+
+        if sp.issparse(A):
+            from scipy.sparse.linalg import aslinearoperator
+
+            A = aslinearoperator(A)
+    except ImportError:  # pragma: no cover - scipy is a dependency
+        pass
+
+    if not (hasattr(A, "shape") and callable(getattr(A, "matvec", None))):
+        raise TypeError(
+            "lanczos needs a curvops operator, a scipy LinearOperator, a numpy array, a torch "
+            f"tensor or an object with `shape` and `matvec`; got {type(A).__name__}"
+        )
+    n = _square_n(A.shape)
+    dtype = getattr(A, "dtype", None)
+    own_matmat = getattr(A, "matmat", None)
+    own_matmat = own_matmat if callable(own_matmat) else None
+    if isinstance(dtype, torch.dtype):
+        # curvops operators and torch-native look-alikes: torch vectors in and out.
+        device = torch.device(getattr(A, "device", "cpu"))
+        return TorchOperator(n, dtype, device, A.matvec, "torch-operator", own_matmat)
+    # scipy LinearOperator and generic numpy-style objects.
+    np_dtype = np.dtype(np.float64) if dtype is None else np.dtype(dtype)
+    if np_dtype not in _NUMPY_TO_TORCH:
+        raise TypeError(f"operator dtype must be float16/32/64, got {np_dtype}")
+    return TorchOperator(
+        n,
+        _NUMPY_TO_TORCH[np_dtype],
+        torch.device("cpu"),
+        _numpy_product(A.matvec, np_dtype),
+        "scipy",
+        None if own_matmat is None else _numpy_product(own_matmat, np_dtype),
+    )

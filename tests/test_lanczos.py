@@ -1,0 +1,479 @@
+"""Proof of the Lanczos eigensolver (issue 4): accuracy, ghosts, orthogonality, matvecs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from curvops.solvers._tridiagonal import cullum_willoughby, select_which
+from curvops.solvers.lanczos import LanczosConfig, LanczosResult, lanczos
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy.sparse.linalg import LinearOperator, eigsh
+
+STRATEGIES = ("full", "selective", "partial", "none")
+BASIS_STRATEGIES = ("full", "selective", "partial")
+
+
+# ----------------------------------------------------------------------------- helpers
+def sym_from_spectrum(ev: np.ndarray, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    n = ev.size
+    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    A = (Q * ev) @ Q.T
+    return (A + A.T) / 2
+
+
+def spectra(n: int = 300) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(12)
+    return {
+        "decaying": np.concatenate([10 * 0.8 ** np.arange(30), rng.uniform(0, 0.01, n - 30)]),
+        "clustered": np.concatenate([1 + 1e-3 * np.arange(6)[::-1], rng.uniform(0, 0.9, n - 6)]),
+        "indefinite": np.concatenate([[-6.0, -5.5, 5.0, 4.5, 4.0, 3.5, 3.0],
+                                      rng.uniform(-1, 1, n - 7)]),
+        "separated": np.concatenate([[10, 8, 6, 4, 2, 1.5], rng.uniform(0, 1, n - 6)]),
+    }
+
+
+MATRICES = {name: sym_from_spectrum(ev, seed=i) for i, (name, ev) in enumerate(spectra().items())}
+
+
+def reference(A: np.ndarray, k: int, which: str = "LA") -> np.ndarray:
+    ev = np.linalg.eigvalsh(A)
+    return ev[select_which(ev, k, which)]
+
+
+def rel_err(got: np.ndarray, ref: np.ndarray, scale: float) -> float:
+    assert got.shape == ref.shape, (got, ref)
+    return float(np.max(np.abs(got - ref) / np.maximum(np.abs(ref), 1e-12 * scale)))
+
+
+class Counting(LinearOperator):
+    """A scipy operator that counts products and records the vectors it is given."""
+
+    def __init__(self, A: np.ndarray, record: bool = False) -> None:
+        super().__init__(dtype=A.dtype, shape=A.shape)
+        self.A, self.count, self.record, self.seen = A, 0, record, []
+
+    def _matvec(self, x):
+        self.count += 1
+        if self.record:
+            self.seen.append(np.array(x).reshape(-1))
+        return self.A @ x.reshape(-1)
+
+    def _matmat(self, X):
+        self.count += X.shape[1]
+        return self.A @ X
+
+
+def start_vector(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed + 1000).standard_normal(n)
+
+
+# ---------------------------------------------------------------- accuracy, fixed cases
+@pytest.mark.parametrize("name", sorted(MATRICES))
+@pytest.mark.parametrize("reorth", STRATEGIES)
+def test_top_k_float64_fixed(name: str, reorth: str) -> None:
+    A = MATRICES[name]
+    ref = reference(A, 5)
+    res = lanczos(A, 5, config=LanczosConfig(reorth=reorth, tol=1e-10))
+    assert res.strategy == reorth
+    assert res.eigenvalues.dtype == np.float64
+    assert rel_err(res.eigenvalues, ref, np.abs(ref).max()) <= 1e-10
+    assert res.all_converged
+    assert np.all(np.diff(res.eigenvalues) < 0)  # LA order, and no ghost copies
+
+
+@pytest.mark.parametrize("which", ["LA", "SA", "LM", "BE"])
+@pytest.mark.parametrize("reorth", STRATEGIES)
+def test_which_on_indefinite(which: str, reorth: str) -> None:
+    A = MATRICES["indefinite"]
+    ref = reference(A, 5, which)
+    res = lanczos(A, 5, config=LanczosConfig(reorth=reorth, which=which, tol=1e-10))
+    assert res.which == which
+    np.testing.assert_allclose(res.eigenvalues, ref, rtol=1e-10, atol=0)
+    order = {"LA": -res.eigenvalues, "SA": res.eigenvalues, "LM": -np.abs(res.eigenvalues),
+             "BE": -res.eigenvalues}[which]
+    assert np.all(np.diff(order) > 0)
+
+
+@pytest.mark.parametrize("reorth", BASIS_STRATEGIES)
+def test_low_rank_reports_zeros(reorth: str) -> None:
+    # rank 3, k = 6: three breakdowns-and-restarts give the zero eigenvalue three times.
+    ev = np.concatenate([[3.0, 2.0, 1.0], np.zeros(97)])
+    A = sym_from_spectrum(ev, seed=3)
+    res = lanczos(A, 6, config=LanczosConfig(reorth=reorth, tol=1e-10))
+    np.testing.assert_allclose(res.eigenvalues, [3, 2, 1, 0, 0, 0], atol=1e-10 * 3)
+    assert res.breakdowns >= 1
+    assert res.matvecs <= 10
+
+
+def test_low_rank_none_reports_distinct_values() -> None:
+    # Without a basis a breakdown cannot be continued from: each distinct value once, noted.
+    ev = np.concatenate([[3.0, 2.0, 1.0], np.zeros(97)])
+    A = sym_from_spectrum(ev, seed=3)
+    res = lanczos(A, 6, config=LanczosConfig(reorth="none", tol=1e-10))
+    np.testing.assert_allclose(res.eigenvalues, [3, 2, 1, 0], atol=1e-10 * 3)
+    assert any("breakdown" in note for note in res.notes)
+
+
+# ------------------------------------------------------------- accuracy, hypothesis cases
+@st.composite
+def gapped_spectrum(draw):
+    n = draw(st.integers(40, 120))
+    k = draw(st.integers(1, 6))
+    gaps = draw(st.lists(st.floats(1e-3, 0.5), min_size=k, max_size=k))
+    top = draw(st.floats(0.5, 100.0))
+    sign = draw(st.sampled_from([1.0, -1.0]))
+    vals = [top]
+    for g in gaps:  # relative gaps >= 1e-3 among the top k+1
+        vals.append(vals[-1] * (1 - g))
+    rest_hi = vals[-1] * (1 - 1e-3)
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    rest = rng.uniform(-rest_hi if sign < 0 else 0.0, rest_hi, n - len(vals))
+    return np.concatenate([vals, rest]), k, seed
+
+
+@settings(max_examples=8, derandomize=True, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(gapped_spectrum())
+def test_top_k_hypothesis(case) -> None:
+    ev, k, seed = case
+    A = sym_from_spectrum(ev, seed=seed % 1000)
+    ref = reference(A, k)
+    for reorth in STRATEGIES:
+        res = lanczos(A, k, config=LanczosConfig(reorth=reorth, tol=1e-10, seed=seed % 97,
+                                                  max_iters=600))
+        assert rel_err(res.eigenvalues, ref, np.abs(ref).max()) <= 1e-10, reorth
+        assert np.all(np.diff(res.eigenvalues) < 0), reorth  # no ghost
+
+
+# ----------------------------------------------------------------- ghosts and the CW test
+def _long_run_matrix() -> np.ndarray:
+    ev = np.concatenate([[10.0, 9.0, 8.0, 7.0, 6.0], np.linspace(0, 4, 95)])
+    return sym_from_spectrum(ev, seed=5)
+
+
+def test_none_without_cullum_willoughby_has_ghosts() -> None:
+    A = _long_run_matrix()
+    cfg = LanczosConfig(reorth="none", tol=0, max_iters=250, return_eigenvectors=False,
+                        cullum_willoughby=False)
+    res = lanczos(A, 5, config=cfg)
+    # Converged values come back several times: lambda_1 occupies more than one slot.
+    assert res.eigenvalues[1] == pytest.approx(10.0, rel=1e-8)
+    assert res.spurious_removed == 0
+
+
+def test_none_with_cullum_willoughby_is_right_on_long_run() -> None:
+    A = _long_run_matrix()
+    cfg = LanczosConfig(reorth="none", tol=0, max_iters=250)
+    res = lanczos(A, 5, config=cfg)
+    np.testing.assert_allclose(res.eigenvalues, [10, 9, 8, 7, 6], rtol=1e-10)
+    assert res.iterations == 250
+    assert res.spurious_removed > 0
+    V = res.eigenvectors.numpy()  # second pass
+    assert res.matvecs == 2 * 250 - 1
+    np.testing.assert_allclose(np.abs(V.T @ V), np.eye(5), atol=1e-8)
+    assert np.max(np.linalg.norm(A @ V - V * res.eigenvalues, axis=0)) < 1e-8
+
+
+def test_cullum_willoughby_unit() -> None:
+    # T with a duplicated (ghost) value and nothing spurious: merged to one copy.
+    alpha = np.array([1.0, 2.0, 3.0])
+    beta = np.array([0.5, 0.5])
+    values, reps, n_spur = cullum_willoughby(alpha, beta)
+    np.testing.assert_allclose(values, np.linalg.eigvalsh(np.diag(alpha) + np.diag(beta, 1)
+                                                          + np.diag(beta, -1)))
+    assert n_spur == 0 and reps.size == 3
+
+
+# ---------------------------------------------------------------------- orthogonality
+@pytest.mark.parametrize(("reorth", "bound"), [("full", 1e-12), ("selective", 1e-6),
+                                               ("partial", 1e-6)])
+def test_orthogonality_of_vectors_given_to_operator(reorth: str, bound: float) -> None:
+    A = _long_run_matrix()
+    op = Counting(A, record=True)
+    res = lanczos(op, 5, config=LanczosConfig(reorth=reorth, tol=0, max_iters=90,
+                                              return_eigenvectors=False))
+    V = np.stack(op.seen)
+    loss = np.max(np.abs(V @ V.T - np.eye(len(V))))
+    assert loss <= bound
+    assert res.orthogonality_loss <= bound
+    assert res.orthogonality_loss == pytest.approx(loss, rel=0.5, abs=1e-15)
+
+
+def test_orthogonality_visibly_lost_without_reorthogonalization() -> None:
+    A = _long_run_matrix()
+    op = Counting(A, record=True)
+    res = lanczos(op, 5, config=LanczosConfig(reorth="none", tol=0, max_iters=90,
+                                              return_eigenvectors=False))
+    V = np.stack(op.seen)
+    assert np.max(np.abs(V @ V.T - np.eye(len(V)))) > 1e-2
+    assert np.isnan(res.orthogonality_loss)
+
+
+# ------------------------------------------------------------------ matvecs against ARPACK
+@pytest.mark.parametrize("name", sorted(MATRICES))
+def test_matvecs_against_eigsh(name: str) -> None:
+    A = MATRICES[name]
+    n = A.shape[0]
+    ref = reference(A, 5)
+    v0 = start_vector(n)
+    op = Counting(A)
+    w = np.sort(eigsh(op, 5, which="LA", tol=1e-10, v0=v0, return_eigenvectors=False))[::-1]
+    assert rel_err(w, ref, np.abs(ref).max()) <= 1e-10  # equal accuracy on both sides
+    for reorth, factor in [("full", 1.0), ("selective", 1.0), ("partial", 1.0), ("none", 2.5)]:
+        res = lanczos(A, 5, config=LanczosConfig(reorth=reorth, tol=1e-10,
+                                                 return_eigenvectors=False), v0=v0)
+        assert rel_err(res.eigenvalues, ref, np.abs(ref).max()) <= 1e-10
+        assert res.matvecs <= factor * op.count, (reorth, res.matvecs, op.count)
+
+
+# ---------------------------------------------------------------------- bf16 basis
+def _fp32_separated(n: int = 600) -> torch.Tensor:
+    ev = np.concatenate([[10, 9, 8, 7, 6, 5.0], np.random.default_rng(2).uniform(0, 1, n - 6)])
+    return torch.tensor(sym_from_spectrum(ev, seed=9), dtype=torch.float32)
+
+
+def test_bf16_basis_rayleigh_ritz_recovers_accuracy() -> None:
+    A = _fp32_separated()
+    seen = []
+
+    class Fp32Op:  # a torch-native operator that refuses other dtypes, like curvops'
+        shape, dtype, device = A.shape, torch.float32, torch.device("cpu")
+
+        def matvec(self, v):
+            assert v.dtype == torch.float32  # explicit cast before the product
+            seen.append(v.dtype)
+            return A @ v
+
+    ref = reference(A.double().numpy(), 5)
+    cfg = LanczosConfig(dtype_compute=torch.bfloat16, tol=1e-7, max_iters=100)
+    res = lanczos(Fp32Op(), 5, config=cfg)
+    assert res.rayleigh_ritz
+    assert rel_err(res.eigenvalues, ref, 10) <= 1e-5
+    off = lanczos(Fp32Op(), 5, config=LanczosConfig(dtype_compute=torch.bfloat16, tol=1e-7,
+                                                    max_iters=100, rayleigh_ritz=False))
+    # Read off T the error is about 1e-4 (what the Rayleigh-Ritz step is for).
+    assert rel_err(off.eigenvalues, ref, 10) > 3 * rel_err(res.eigenvalues, ref, 10)
+    assert res.eigenvectors.dtype == torch.float32
+
+
+# ------------------------------------------------------------------------- memory
+@pytest.mark.parametrize("iters", [40, 160])
+def test_none_peak_memory_independent_of_iterations(iters: int) -> None:
+    n = 5_000
+    d = torch.linspace(0, 1, n, dtype=torch.float64)
+    op = type("Diag", (), {"shape": (n, n), "dtype": torch.float64,
+                           "device": torch.device("cpu"), "matvec": lambda self, v: d * v})()
+    res = lanczos(op, 3, config=LanczosConfig(reorth="none", tol=0, max_iters=iters,
+                                              return_eigenvectors=False))
+    assert res.peak_memory_bytes == 4 * n * 8  # four vectors, whatever the iteration count
+    full = lanczos(op, 3, config=LanczosConfig(reorth="full", tol=0, max_iters=iters,
+                                               return_eigenvectors=False))
+    assert full.peak_memory_bytes >= iters * n * 8
+
+
+def _vm_hwm_kib() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM"):
+                return int(line.split()[1])
+    raise OSError
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+def test_none_peak_rss_measured() -> None:
+    # Process peak RSS (reset through /proc): 'none' must not grow with the iterations,
+    # where a basis would need iters * n * 8 = 96 MB here.
+    n, iters = 100_000, 120
+    d = torch.linspace(0, 1, n, dtype=torch.float64)
+    op = type("Diag", (), {"shape": (n, n), "dtype": torch.float64,
+                           "device": torch.device("cpu"), "matvec": lambda self, v: d * v})()
+    cfg = LanczosConfig(reorth="none", tol=0, max_iters=iters, return_eigenvectors=False)
+    lanczos(op, 3, config=LanczosConfig(reorth="none", tol=0, max_iters=5))  # warm up
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pytest.skip("cannot reset the peak RSS")
+    before = _vm_hwm_kib()
+    lanczos(op, 3, config=cfg)
+    grown_mb = (_vm_hwm_kib() - before) / 1024
+    assert grown_mb < 40, grown_mb
+
+
+# --------------------------------------------------------------- inputs and conventions
+def _inputs(A: np.ndarray):
+    return {
+        "numpy": A,
+        "torch": torch.from_numpy(A),
+        "scipy": Counting(A),
+        "sparse": sp.csr_matrix(A),
+        "generic": type("G", (), {"shape": A.shape, "matvec": lambda self, x: A @ x,
+                                  "dtype": A.dtype})(),
+    }
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch", "scipy", "sparse", "generic"])
+def test_operator_kinds(kind: str) -> None:
+    A = MATRICES["separated"]
+    res = lanczos(_inputs(A)[kind], 4, config=LanczosConfig(tol=1e-10))
+    np.testing.assert_allclose(res.eigenvalues, reference(A, 4), rtol=1e-10)
+    V = res.eigenvectors.numpy()
+    assert V.shape == (A.shape[0], 4)
+    assert np.max(np.linalg.norm(A @ V - V * res.eigenvalues, axis=0)) < 1e-8
+
+
+def test_seed_mapping_and_k_argument() -> None:
+    assert LanczosConfig().strategy == "full"
+    assert LanczosConfig(reorth_period=5).strategy == "selective"
+    assert LanczosConfig(reorth_period=5, reorth="partial").strategy == "partial"
+    A = MATRICES["separated"]
+    res = lanczos(A, 3, config=LanczosConfig(k=5, reorth_period=5))
+    assert res.eigenvalues.size == 3 and res.strategy == "selective"
+
+
+def test_tol_zero_runs_to_max_iters_and_cap_is_hard() -> None:
+    A = MATRICES["clustered"]
+    res = lanczos(A, 3, config=LanczosConfig(tol=0, max_iters=17, record_history=True))
+    assert res.iterations == 17 and res.matvecs == 17
+    assert len(res.history) == 17 and res.history[-1].size == 17
+    capped = lanczos(A, 5, config=LanczosConfig(tol=1e-12, max_iters=10))
+    assert capped.iterations == 10 and not capped.all_converged
+
+
+def test_warm_start_needs_fewer_matvecs() -> None:
+    A = MATRICES["clustered"]
+    cold = lanczos(A, 5, config=LanczosConfig(tol=1e-10))
+    B = A + 1e-6 * sym_from_spectrum(np.linspace(-1, 1, A.shape[0]), seed=77)
+    cold_b = lanczos(B, 5, config=LanczosConfig(tol=1e-10))
+    warm_b = lanczos(B, 5, config=LanczosConfig(tol=1e-10), v0=cold)
+    np.testing.assert_allclose(warm_b.eigenvalues, reference(B, 5), rtol=1e-10)
+    assert warm_b.matvecs < cold_b.matvecs
+
+
+def test_same_seed_same_result_in_new_process() -> None:
+    code = (
+        "import numpy as np\n"
+        "from curvops.solvers.lanczos import lanczos, LanczosConfig\n"
+        "rng = np.random.default_rng(0); X = rng.standard_normal((80, 80)); A = X + X.T\n"
+        "r = lanczos(A, 3, config=LanczosConfig(seed=7, tol=1e-10))\n"
+        "print(repr(r.eigenvalues.tolist()), r.matvecs)\n"
+    )
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True).stdout for _ in range(2)}
+    assert len(outs) == 1
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((80, 80))
+    here = lanczos(X + X.T, 3, config=LanczosConfig(seed=7, tol=1e-10))
+    assert outs.pop().strip() == f"{here.eigenvalues.tolist()!r} {here.matvecs}"
+
+
+def test_basis_on_cpu_progress_and_timing() -> None:
+    pytest.importorskip("tqdm")
+    A = MATRICES["separated"]
+    res = lanczos(A, 3, config=LanczosConfig(basis_device="cpu", progress=True, tol=1e-10))
+    np.testing.assert_allclose(res.eigenvalues, reference(A, 3), rtol=1e-10)
+    assert res.seconds_matvec > 0 and res.seconds_other >= 0
+    assert res.peak_memory_bytes > 0
+
+
+def test_eigenvector_as_params() -> None:
+    A = MATRICES["separated"]
+    res = lanczos(A, 2)
+    shapes = [torch.Size([10, 20]), torch.Size([100])]
+    parts = res.eigenvector_as_params(0, shapes)
+    assert [p.shape for p in parts] == shapes
+    torch.testing.assert_close(torch.cat([p.reshape(-1) for p in parts]), res.eigenvectors[:, 0])
+    with pytest.raises(ValueError):
+        res.eigenvector_as_params(0, [torch.Size([3])])
+
+
+# --------------------------------------------------------------------------- bad input
+class Exploding:
+    shape, dtype = (50, 50), np.float64
+
+    def matvec(self, x):  # bad input must be refused before any product
+        raise AssertionError("matvec called")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc"),
+    [
+        ({"k": 50}, ValueError),
+        ({"k": 0}, ValueError),
+        ({"config": LanczosConfig(max_iters=3), "k": 5}, ValueError),
+        ({"v0": np.full(50, np.nan)}, ValueError),
+        ({"v0": np.ones(49)}, ValueError),
+        ({"v0": np.ones(50, dtype=np.int64)}, TypeError),
+        ({"v0": np.zeros(50)}, ValueError),
+        ({"v0": torch.ones(50, dtype=torch.complex64)}, TypeError),
+        ({"v0": [1.0] * 50}, TypeError),
+    ],
+)
+def test_bad_input_refused_before_work(kwargs, exc) -> None:
+    with pytest.raises(exc):
+        lanczos(Exploding(), **kwargs)
+
+
+def test_bad_config_and_operators() -> None:
+    with pytest.raises(ValueError, match="which"):
+        LanczosConfig(which="XX")
+    with pytest.raises(ValueError, match="reorth"):
+        LanczosConfig(reorth="sometimes")
+    with pytest.raises(ValueError, match="dtype_tridiag"):
+        LanczosConfig(dtype_tridiag=torch.float32)
+    with pytest.raises(ValueError):
+        LanczosConfig(tol=-1.0)
+    with pytest.raises(ValueError, match="rayleigh_ritz"):
+        LanczosConfig(reorth="partial", rayleigh_ritz=True)
+    with pytest.raises(ValueError, match="square"):
+        lanczos(np.ones((4, 5)), 1)
+    with pytest.raises(TypeError):
+        lanczos(object(), 1)
+    with pytest.raises(TypeError):
+        lanczos(np.ones((4, 4), dtype=np.int64), 1)
+
+
+def test_result_is_frozen() -> None:
+    res = lanczos(MATRICES["separated"], 2)
+    assert isinstance(res, LanczosResult)
+    with pytest.raises(AttributeError):
+        res.iterations = 3  # type: ignore[misc]
+
+
+# ------------------------------------------------------------------ curvops operators
+@pytest.fixture(scope="module")
+def ggn():
+    linops = pytest.importorskip("curvops.linops")
+    if not hasattr(linops, "GGNOperator"):
+        pytest.skip("curvops.linops.GGNOperator not available yet")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+    model = model.double()
+    X = torch.randn(40, 6, dtype=torch.float64)
+    y = torch.randint(0, 4, (40,))
+    data = [(X[:20], y[:20]), (X[20:], y[20:])]
+    op = linops.GGNOperator(model, torch.nn.CrossEntropyLoss(), data)
+    w = np.sort(eigsh(op.to_scipy(), 4, which="LA", tol=1e-10,
+                      return_eigenvectors=False))[::-1]
+    return op, reference(op.to_dense().numpy(), 4), w
+
+
+@pytest.mark.parametrize("reorth", STRATEGIES)
+def test_ggn_operator_against_dense_and_eigsh(ggn, reorth: str) -> None:
+    op, ref, w = ggn
+    res = lanczos(op, 4, config=LanczosConfig(reorth=reorth, tol=1e-10))
+    assert rel_err(res.eigenvalues, ref, ref.max()) <= 1e-9
+    np.testing.assert_allclose(res.eigenvalues, w, rtol=1e-9)
+    if res.eigenvectors is not None:
+        assert res.eigenvectors.dtype == op.dtype and res.eigenvectors.device == op.device
+        parts = res.eigenvector_as_params(0, op.params)
+        assert [p.shape for p in parts] == [p.shape for p in op.params]
