@@ -19,6 +19,27 @@ from collections.abc import Sequence
 import numpy as np
 
 
+def _check_eps(eps: float) -> float:
+    eps = float(eps)
+    if not (0.0 <= eps < 1.0):
+        raise ValueError(f"eps must be a relative threshold in [0, 1), got {eps}")
+    return eps
+
+
+def _nonnegative(values: np.ndarray | Sequence[float], eps: float) -> np.ndarray:
+    """``values`` as float64, refusing NaN/Inf and negatives beyond round-off (``eps · max|λ|``)."""
+    values = np.asarray(values, dtype=np.float64)
+    if not np.all(np.isfinite(values)):
+        raise ValueError("eigenvalues contain NaN/Inf")
+    if values.size and values.min() < -eps * np.abs(values).max():
+        raise ValueError(
+            f"negative eigenvalue {values.min():.3e}: condition number and effective rank are "
+            "defined here on nonnegative values; pass np.abs(values) for an indefinite "
+            "spectrum (spectrum_metrics does, and says so)"
+        )
+    return values
+
+
 def _eps_filter(values: np.ndarray, eps: float) -> np.ndarray:
     """The values above ``eps · max`` (the numerically nonzero ones)."""
     if values.size == 0:
@@ -29,15 +50,28 @@ def _eps_filter(values: np.ndarray, eps: float) -> np.ndarray:
     return values[values > eps * top]
 
 
-def condition_number(values: np.ndarray, eps: float) -> float:
-    """``max / min`` over the values above ``eps · max``; ``inf`` when none is."""
-    kept = _eps_filter(values, eps)
+def condition_number(values: np.ndarray | Sequence[float], eps: float) -> float:
+    """``max / min`` over the (nonnegative) values above ``eps · max``; ``inf`` when none is.
+
+    Raises:
+        ValueError: NaN/Inf, negative values beyond round-off, or ``eps`` outside [0, 1).
+    """
+    eps = _check_eps(eps)
+    kept = _eps_filter(_nonnegative(values, eps), eps)
     return float(kept.max() / kept.min()) if kept.size else math.inf
 
 
-def effective_rank(values: np.ndarray, eps: float) -> float:
-    """``exp`` of the Shannon entropy of ``p = λ / Σλ`` over the values above ``eps · max``."""
-    kept = _eps_filter(values, eps)
+def effective_rank(values: np.ndarray | Sequence[float], eps: float) -> float:
+    """``exp`` of the Shannon entropy of ``p = λ / Σλ`` over the values above ``eps · max``.
+
+    Between 1 (one dominant value) and the number of kept values (all equal); 0 when no
+    value is kept.
+
+    Raises:
+        ValueError: NaN/Inf, negative values beyond round-off, or ``eps`` outside [0, 1).
+    """
+    eps = _check_eps(eps)
+    kept = _eps_filter(_nonnegative(values, eps), eps)
     if kept.size == 0:
         return 0.0
     p = kept / kept.sum()
@@ -65,7 +99,9 @@ def spectrum_metrics(
         ``spectral_gap``, ``spectral_range``, ``condition_number``, ``effective_rank``,
         ``trace_of_computed``, ``n_computed``, ``n_numerically_zero``, ``eps`` and ``note``.
     """
-    lam = np.sort(np.asarray(eigenvalues, dtype=np.float64))[::-1]
+    lam = np.sort(np.asarray(eigenvalues, dtype=np.float64).ravel())[::-1]
+    if not np.all(np.isfinite(lam)):
+        raise ValueError("eigenvalues contain NaN/Inf")
     if lam.size == 0:
         nan = float("nan")
         return {
@@ -84,12 +120,16 @@ def spectrum_metrics(
         }
     if eps is None:
         eps = max(lam.size * dtype_eps, dtype_eps)
+    eps = _check_eps(eps)
     notes = ["metrics are over the computed eigenvalues only"]
     has_negative = bool((lam < -eps * np.abs(lam).max()).any())
     if is_psd or not has_negative:
         basis = np.clip(lam, 0.0, None) if is_psd else lam
         if is_psd and has_negative:
-            notes.append("negative values of a PSD operator (round-off) count as zero here")
+            notes.append(
+                "negative values of a PSD operator (round-off) count as zero here "
+                f"(most negative: {lam[-1]:.3e})"
+            )
     else:
         basis = np.abs(lam)
         notes.append("the spectrum is indefinite: condition number and effective rank use |λ|")
