@@ -1,0 +1,562 @@
+r"""The seed's high-level spectrum API, on curvops operators and the in-house Lanczos.
+
+Four entry points keep the seed's names, signatures, defaults and result keys:
+
+* :func:`compute_fisher_eigenvalues_lanczos` — top eigenvalues of a Fisher-type matrix
+  (empirical Fisher, exact GGN = exact Fisher, or MC Fisher);
+* :func:`compute_hessian_eigenvalues_lanczos` — eigenvalues of the Hessian, with
+  ``has_negative_eigenvalues`` decided from the smallest eigenvalue actually found;
+* :func:`compute_spectrum` — the operator chosen by name;
+* :func:`compute_spectrum_comparison` — Hessian and Fisher/GGN side by side.
+
+What differs from the seed (and why):
+
+* The operator is the curvature of the loss over *all* the data, with the
+  normalisation recorded (``normalization``, ``sample_unit``). Language models
+  (transformers models with dict batches) use
+  :class:`curvops.adapters.hf.LanguageModelObjective`: per-sequence loss = sum of its
+  target tokens' cross-entropies, normalised by the number of target tokens.
+* Batches too large for memory are split into micro-batches that are accumulated
+  (``batch_size_used`` is the micro-batch size); the seed's "reduce the batch size"
+  would change the matrix.
+* No ``max_iter`` reduction for large models: ``max_iter`` is a hard cap and Lanczos
+  stops earlier once the wanted Ritz values have converged (``tol``).
+* No regularization by default (the seed added 1e-8 to Fisher); the solver uses
+  ``config.regularization`` only as jitter after a failure, and reports it.
+
+Mapping of the seed's switches: ``use_ggn=False`` → empirical Fisher; ``ggn_mode``:
+``"empirical"`` → empirical Fisher, ``"true"`` → exact GGN, ``"mc"`` → Monte-Carlo
+Fisher, ``"auto"`` → exact GGN for cross-entropy / MSE / BCE (every supported loss).
+``config.reorth_period = 0`` → full reorthogonalization, ``> 0`` → selective (unless
+``config.reorth`` is given). Function arguments (``k``, ``max_iter``) win over the
+config's fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..linops import (
+    EmpiricalFisherOperator,
+    FisherOperator,
+    GGNOperator,
+    HessianOperator,
+    select_parameters,
+)
+from ..linops.data import DataSource
+from ..linops.objective import Objective, as_objective
+from .lanczos import LanczosConfig, LanczosResult, lanczos
+from .metrics import spectrum_metrics
+
+__all__ = [
+    "compute_fisher_eigenvalues_lanczos",
+    "compute_hessian_eigenvalues_lanczos",
+    "compute_spectrum",
+    "compute_spectrum_comparison",
+]
+
+GGN_MODES = ("empirical", "true", "mc", "auto")
+OPERATOR_TYPES = ("ggn", "empirical_fisher", "hessian", "fisher")
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+_LARGE_MODEL = 10**9  # where the seed cut max_iter (we do not)
+
+# Keyword arguments the entry points accept besides their named ones.
+_OPTIONS = {
+    "loss_fn": None,  # torch loss or curvops Objective; default: HF objective for dict batches
+    "normalization": "token",  # language models: "token" | "sequence" | "sum"
+    "params": None,  # parameter selection (objects or names / globs)
+    "micro_batch_size": "auto",  # int, None (no split) or "auto" (memory budget)
+    "memory_budget_bytes": None,  # budget of one product for "auto" (default: free memory)
+    "which": None,  # "LA" | "SA" | "LM" | "BE"; default "LA"
+    "tol": None,  # convergence tolerance; default the config's
+    "seed": None,  # start vector and MC labels; default the config's (0)
+    "reorth": None,  # "full" | "selective" | "partial" | "none"; default by operator/dtype
+    "dtype_compute": None,  # Krylov-vector dtype; default the model's dtype
+    "mc_samples": 1,  # MC Fisher draws per example
+    "return_eigenvectors": False,  # keep the Ritz vectors (needed for eigenspace overlap)
+    "check_deterministic": True,  # refuse models whose outputs differ between passes
+    "progress": False,  # tqdm progress bar
+}
+
+
+# --- argument handling ---------------------------------------------------------------------
+def _options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(kwargs) - set(_OPTIONS))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {unknown}; accepted: {sorted(_OPTIONS)}")
+    return {**_OPTIONS, **kwargs}
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _check_no_dropout_in_train_mode(model: nn.Module) -> None:
+    """Refuse active dropout up front: every product would see a different matrix."""
+    for name, module in model.named_modules():
+        if (
+            module.training
+            and isinstance(module, nn.modules.dropout._DropoutNd)
+            and float(module.p) > 0.0
+        ):
+            raise ValueError(
+                "the model is in train mode with active dropout "
+                f"({name or type(module).__name__!r}, p={module.p}); "
+                "the curvature would change between products: call model.eval()"
+            )
+
+
+def _is_dict_data(data: Any) -> bool:
+    if isinstance(data, Mapping):
+        return True
+    if isinstance(data, (list, tuple)) and data:
+        return isinstance(data[0], Mapping)
+    return False
+
+
+def _objective(model: nn.Module, data: Any, opts: dict[str, Any]) -> Objective:
+    loss_fn = opts["loss_fn"]
+    if loss_fn is not None:
+        if opts["normalization"] != "token" and not isinstance(loss_fn, Objective):
+            raise ValueError(
+                "normalization= applies to language models; a torch loss's normalisation is its "
+                "reduction ('mean' or 'sum')"
+            )
+        return as_objective(loss_fn)
+    from curvops.adapters.hf import hf_objective, is_hf_model
+
+    if is_hf_model(model):
+        return hf_objective(model, opts["normalization"])
+    kind = "dict batches" if _is_dict_data(data) else "(inputs, targets) batches"
+    raise TypeError(
+        f"no loss_fn given and {type(model).__name__} is not a transformers model; for "
+        f"{kind} pass loss_fn= (nn.CrossEntropyLoss(), nn.MSELoss(), nn.BCEWithLogitsLoss() "
+        "or a curvops Objective)"
+    )
+
+
+def _operator_spec(operator_type: str, ggn_mode: str | None) -> tuple[type, dict[str, Any], str]:
+    """(operator class, extra kwargs, operator_used) for a seed operator name and mode."""
+    if operator_type not in OPERATOR_TYPES:
+        raise ValueError(f"operator_type must be one of {OPERATOR_TYPES}, got {operator_type!r}")
+    if ggn_mode is not None and ggn_mode not in GGN_MODES:
+        raise ValueError(f"ggn_mode must be one of {GGN_MODES}, got {ggn_mode!r}")
+    if operator_type == "hessian":
+        return HessianOperator, {}, "hessian"
+    if operator_type == "empirical_fisher" or ggn_mode == "empirical":
+        return EmpiricalFisherOperator, {}, "empirical_fisher"
+    if ggn_mode == "mc":
+        return FisherOperator, {"mode": "mc"}, "fisher_mc"
+    # "true", "auto" (every supported loss has a closed-form GGN) and the default.
+    return GGNOperator, {}, "ggn"
+
+
+def _lanczos_config(
+    config: LanczosConfig | None,
+    *,
+    k: int,
+    max_iter: int | None,
+    is_psd: bool,
+    op_dtype: torch.dtype,
+    opts: dict[str, Any],
+    which: str,
+) -> LanczosConfig:
+    """The solver settings: config fields, overridden by the function's arguments."""
+    if config is not None and not isinstance(config, LanczosConfig):
+        raise TypeError(f"config must be a LanczosConfig, got {type(config).__name__}")
+    dtype_compute = opts["dtype_compute"]
+    if dtype_compute is None and config is not None:
+        dtype_compute = config.dtype_compute
+    if dtype_compute is None:
+        dtype_compute = op_dtype  # the seed keeps bf16 Krylov vectors for bf16 models
+    if config is None:
+        # PSD operators: selective (the seed's reorth_period=5); indefinite: full. A bf16/fp16
+        # basis gets full reorthogonalization, the one strategy with Rayleigh–Ritz recovery.
+        low = dtype_compute in _LOW_PRECISION
+        reorth = "full" if (low or not is_psd) else "selective"
+        base = LanczosConfig(reorth=reorth, return_eigenvectors=False)
+    else:
+        base = config
+    changes: dict[str, Any] = {"k": k, "which": which, "dtype_compute": dtype_compute}
+    if max_iter is not None:
+        changes["max_iters"] = max_iter
+    for name in ("tol", "seed", "reorth"):
+        if opts[name] is not None:
+            changes[name] = opts[name]
+    changes["return_eigenvectors"] = bool(opts["return_eigenvectors"])
+    changes["progress"] = bool(opts["progress"])
+    return dataclasses.replace(base, **changes)
+
+
+# --- the shared pipeline -------------------------------------------------------------------
+def _spectrum(
+    model: nn.Module,
+    data: Any,
+    *,
+    operator_type: str,
+    ggn_mode: str | None,
+    k: int,
+    max_iter: int | None,
+    config: LanczosConfig | None,
+    opts: dict[str, Any],
+) -> tuple[dict[str, Any], Any, LanczosResult]:
+    """Build the operator, run Lanczos, and assemble the seed's result dict."""
+    t0 = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    k = _positive_int("k", k)
+    if max_iter is not None:
+        max_iter = _positive_int("max_iter", max_iter)
+    op_cls, op_kwargs, operator_used = _operator_spec(operator_type, ggn_mode)
+    which = opts["which"] or (config.which if config is not None else "LA")
+    if op_cls is FisherOperator:
+        op_kwargs = {**op_kwargs, "mc_samples": opts["mc_samples"]}
+        if opts["seed"] is not None:
+            op_kwargs["seed"] = opts["seed"]
+        elif config is not None:
+            op_kwargs["seed"] = int(config.seed)
+
+    # Cheap checks before any forward pass.
+    names, tensors = select_parameters(model, opts["params"])
+    n = sum(t.numel() for t in tensors)
+    if k >= n:
+        raise ValueError(f"k={k} must be smaller than the number of selected parameters n={n}")
+    _check_no_dropout_in_train_mode(model)
+    DataSource(data)  # refuses one-shot generators and empty collections early
+    objective = _objective(model, data, opts)
+
+    mbs = opts["micro_batch_size"]
+    plan = None
+    if mbs == "auto":
+        from curvops.adapters.memory import plan_micro_batches
+
+        plan = plan_micro_batches(
+            op_cls, model, objective, data, opts["params"],
+            memory_budget_bytes=opts["memory_budget_bytes"], operator_kwargs=op_kwargs,
+        )
+        mbs = plan.micro_batch_size
+    elif mbs is not None:
+        mbs = _positive_int("micro_batch_size", mbs)
+    elif opts["memory_budget_bytes"] is not None:
+        raise ValueError("memory_budget_bytes needs micro_batch_size='auto'")
+
+    op = op_cls(
+        model, objective, data, opts["params"],
+        micro_batch_size=mbs, check_deterministic=opts["check_deterministic"], **op_kwargs,
+    )
+    cfg = _lanczos_config(
+        config, k=k, max_iter=max_iter, is_psd=op.is_psd, op_dtype=op.dtype, opts=opts,
+        which=which,
+    )
+    res = lanczos(op, k, config=cfg)
+
+    batch_sizes = [objective.count(b).examples for b in op.data]
+    full_batch = max(batch_sizes)
+    batch_size_used = full_batch if mbs is None else min(mbs, full_batch)
+    eigs = np.asarray(res.eigenvalues, dtype=np.float64)
+    metrics = spectrum_metrics(
+        eigs, is_psd=op.is_psd, dtype_eps=float(torch.finfo(op.dtype).eps)
+    )
+    notes = [str(metrics["note"])]
+    if not res.all_converged:
+        notes.append(
+            f"{int(np.sum(~res.converged))} of {eigs.size} Ritz values had not converged to "
+            f"tol={cfg.tol:g} within max_iter={cfg.max_iters}: increase max_iter"
+        )
+    if n > _LARGE_MODEL:
+        notes.append(
+            "max_iter is not reduced for models over 1e9 parameters (that would change the "
+            "result); Lanczos stops early once the wanted values have converged (tol)"
+        )
+    if operator_used == "ggn" and operator_type == "fisher":
+        notes.append("exact Fisher = GGN for this loss")
+    if res.rayleigh_ritz:
+        notes.append("eigenvalues refined by Rayleigh–Ritz on the low-precision Krylov basis")
+    notes.extend(res.notes)
+    result: dict[str, Any] = {
+        "top_eigenvalues": [float(x) for x in eigs],
+        "max_eigenvalue": metrics["max_eigenvalue"],
+        "min_computed_eigenvalue": metrics["min_computed_eigenvalue"],
+        "condition_number": metrics["condition_number"],
+        "effective_rank": metrics["effective_rank"],
+        "spectral_gap": metrics["spectral_gap"],
+        "spectral_range": metrics["spectral_range"],
+        "lanczos_iterations": int(res.iterations),
+        "k_requested": k,
+        "k_computed": int(eigs.size),
+        "batch_size_used": int(batch_size_used),
+        "operator_used": operator_used,
+        "is_psd": bool(op.is_psd),
+        "note": "; ".join(notes),
+        # metadata
+        "which": res.which,
+        "converged": [bool(c) for c in res.converged],
+        "k_converged": int(np.sum(res.converged)),
+        "residual_norms": [float(r) for r in res.residual_norms],
+        "sample_unit": objective.sample_unit,
+        "normalization": objective.normalization,
+        "normalizer": float(op.normalizer),
+        "num_examples": int(op.total.examples),
+        "num_loss_terms": int(op.total.terms),
+        "micro_batch_size": mbs,
+        "micro_batch_plan": None if plan is None else plan.as_dict(),
+        "n_params": int(n),
+        "dtype": str(op.dtype).replace("torch.", ""),
+        "dtype_compute": str(cfg.dtype_compute).replace("torch.", ""),
+        "seed": int(cfg.seed),
+        "tol": float(cfg.tol),
+        "max_iter": int(cfg.max_iters),
+        "reorth": res.strategy,
+        "rayleigh_ritz": bool(res.rayleigh_ritz),
+        "regularization_used": float(res.regularization_used),
+        "spurious_removed": int(res.spurious_removed),
+        "orthogonality_loss": float(res.orthogonality_loss),
+        "matvecs": int(res.matvecs),
+        "time": time.perf_counter() - t0,
+        "time_matvec": float(res.seconds_matvec),
+        "solver_peak_memory_bytes": int(res.peak_memory_bytes),
+    }
+    if op_cls is FisherOperator:
+        result["mc_samples"] = int(op.mc_samples)
+        result["mc_seed"] = int(op.seed)
+    if res.eigenvectors is not None:
+        result["eigenvectors"] = res.eigenvectors
+    return result, op, res
+
+
+def _smallest_eigenvalue(op: Any, res: LanczosResult, cfg_opts: dict[str, Any],
+                         config: LanczosConfig | None, max_iter: int | None) -> dict[str, Any]:
+    """The smallest eigenvalue: from ``res`` if it reached that end, else a run with ``SA``.
+
+    A value counts as negative when it is certainly below zero: ``θ + r < 0`` with ``r``
+    its residual norm (for symmetric matrices an eigenvalue lies within ``r`` of ``θ``),
+    beyond round-off of the operator's dtype.
+    """
+    eigs = np.asarray(res.eigenvalues, dtype=np.float64)
+    resid = np.asarray(res.residual_norms, dtype=np.float64)
+    if res.which in ("SA", "BE") and eigs.size:
+        i = int(np.argmin(eigs))
+        theta, r, extra = float(eigs[i]), float(resid[i]), 0
+    else:
+        cfg = _lanczos_config(
+            config, k=1, max_iter=max_iter, is_psd=False, op_dtype=op.dtype,
+            opts={**cfg_opts, "return_eigenvectors": False}, which="SA",
+        )
+        low = lanczos(op, 1, config=cfg)
+        theta, r, extra = float(low.eigenvalues[0]), float(low.residual_norms[0]), low.matvecs
+        if eigs.size and float(eigs.min()) < theta:  # the first run may already be lower
+            i = int(np.argmin(eigs))
+            theta, r = float(eigs[i]), float(resid[i])
+    scale = float(np.abs(eigs).max()) if eigs.size else abs(theta)
+    roundoff = math.sqrt(op.shape[0]) * float(torch.finfo(op.dtype).eps) * scale
+    return {
+        "smallest_eigenvalue": theta,
+        "smallest_eigenvalue_residual": r,
+        "has_negative_eigenvalues": bool(theta + r < -roundoff),
+        "extra_matvecs": int(extra),
+    }
+
+
+# --- public entry points ---------------------------------------------------------------------
+def compute_fisher_eigenvalues_lanczos(
+    model: nn.Module,
+    data_batch: Any,
+    k: int = 5,
+    max_iter: int = 20,
+    use_ggn: bool = True,
+    ggn_mode: str = "empirical",
+    config: LanczosConfig | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    r"""Top eigenvalues of a Fisher-type matrix by Lanczos (the seed's entry point).
+
+    With :math:`L = c\sum_n \ell_n`: the empirical Fisher :math:`c\sum_n \nabla\ell_n
+    \nabla\ell_n^\top` (``use_ggn=False`` or ``ggn_mode="empirical"``, the seed's default),
+    the GGN :math:`c\sum_r J_r^\top H_r J_r` = exact Fisher (``"true"``, ``"auto"``) or the
+    MC Fisher with labels sampled once per example (``"mc"``).
+
+    Args:
+        model: A ``torch.nn.Module`` (in eval mode) — a transformers model with dict
+            batches, or any module with ``(inputs, targets)`` batches and ``loss_fn=``.
+        data_batch: One batch, or a re-iterable of batches (list, DataLoader, callable).
+        k: Number of eigenvalues.
+        max_iter: Hard cap on Lanczos iterations (stops earlier once converged).
+        use_ggn: ``False`` selects the empirical Fisher whatever ``ggn_mode`` says.
+        ggn_mode: ``"empirical"``, ``"true"``, ``"mc"`` or ``"auto"``.
+        config: A :class:`LanczosConfig`; ``k`` and ``max_iter`` arguments win over its fields.
+        **kwargs: ``loss_fn``, ``normalization`` (``"token"`` | ``"sequence"`` | ``"sum"``),
+            ``params``, ``micro_batch_size`` (int, None or ``"auto"``), ``memory_budget_bytes``,
+            ``which``, ``tol``, ``seed``, ``reorth``, ``dtype_compute``, ``mc_samples``,
+            ``return_eigenvectors``, ``check_deterministic``, ``progress``.
+
+    Returns:
+        The seed's keys (``top_eigenvalues``, ``max_eigenvalue``, ``min_computed_eigenvalue``,
+        ``condition_number``, ``effective_rank``, ``spectral_gap``, ``spectral_range``,
+        ``lanczos_iterations``, ``k_requested``, ``k_computed``, ``batch_size_used``,
+        ``operator_used``, ``is_psd``, ``note``) plus metadata (``sample_unit``,
+        ``normalization``, ``dtype``, ``seed``, ``reorth``, ``matvecs``, ``time``, ...).
+
+    Raises:
+        ValueError: k >= n, an unknown ggn_mode, empty data, bad batches, active dropout.
+        TypeError: Unknown keyword arguments, a plain module without ``loss_fn``.
+    """
+    if ggn_mode not in GGN_MODES:
+        raise ValueError(f"ggn_mode must be one of {GGN_MODES}, got {ggn_mode!r}")
+    opts = _options(kwargs)
+    mode = "empirical" if not use_ggn else ggn_mode
+    result, _, _ = _spectrum(
+        model, data_batch, operator_type="ggn", ggn_mode=mode, k=k, max_iter=max_iter,
+        config=config, opts=opts,
+    )
+    result["ggn_mode"] = mode
+    return result
+
+
+def compute_hessian_eigenvalues_lanczos(
+    model: nn.Module,
+    data_batch: Any,
+    k: int = 5,
+    max_iter: int = 20,
+    config: LanczosConfig | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    r"""Eigenvalues of the Hessian :math:`\nabla^2 L` by Lanczos.
+
+    ``top_eigenvalues`` are the ``k`` largest algebraic eigenvalues (``which="LA"``)
+    unless ``which=`` says otherwise. ``has_negative_eigenvalues`` comes from the smallest
+    eigenvalue found — by a second Lanczos run from the other end (``which="SA"``, one
+    value) when the first run did not reach it — and is True only when that eigenvalue
+    is certainly negative (Ritz value plus residual norm below zero).
+
+    Args:
+        model: The model (see :func:`compute_fisher_eigenvalues_lanczos`).
+        data_batch: One batch or a re-iterable of batches.
+        k: Number of eigenvalues.
+        max_iter: Hard cap on Lanczos iterations (per run).
+        config: A :class:`LanczosConfig`; ``k`` and ``max_iter`` win over its fields.
+        **kwargs: As for :func:`compute_fisher_eigenvalues_lanczos`.
+
+    Returns:
+        The seed's keys plus ``has_negative_eigenvalues``, ``smallest_eigenvalue`` and its
+        residual, and the metadata.
+    """
+    opts = _options(kwargs)
+    result, op, res = _spectrum(
+        model, data_batch, operator_type="hessian", ggn_mode=None, k=k, max_iter=max_iter,
+        config=config, opts=opts,
+    )
+    low = _smallest_eigenvalue(op, res, opts, config, max_iter)
+    result["smallest_eigenvalue"] = low["smallest_eigenvalue"]
+    result["smallest_eigenvalue_residual"] = low["smallest_eigenvalue_residual"]
+    result["has_negative_eigenvalues"] = low["has_negative_eigenvalues"]
+    result["matvecs"] += low["extra_matvecs"]
+    return result
+
+
+def compute_spectrum(
+    model: nn.Module,
+    batch: Any,
+    operator_type: str = "ggn",
+    config: LanczosConfig | None = None,
+    ggn_mode: str | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Eigenvalues of the operator named by ``operator_type`` (the seed's unified entry).
+
+    ``operator_type``: ``"ggn"`` (exact GGN; ``ggn_mode`` may pick ``"empirical"`` or
+    ``"mc"`` instead, as in :func:`compute_fisher_eigenvalues_lanczos`), ``"fisher"``
+    (exact Fisher = GGN, or MC with ``ggn_mode="mc"``), ``"empirical_fisher"`` or
+    ``"hessian"``. ``k`` and ``max_iters`` come from ``config`` (default
+    :class:`LanczosConfig` values, ``k=5``).
+
+    Args:
+        model: The model.
+        batch: One batch or a re-iterable of batches.
+        operator_type: Which operator.
+        config: Solver settings.
+        ggn_mode: ``None`` (exact), ``"empirical"``, ``"true"``, ``"mc"`` or ``"auto"``.
+        **kwargs: As for :func:`compute_fisher_eigenvalues_lanczos`, plus ``k`` and
+            ``max_iter`` (which win over the config's).
+
+    Returns:
+        The seed's result dict (Hessian: with ``has_negative_eigenvalues``).
+    """
+    defaults = config if config is not None else LanczosConfig()
+    k = kwargs.pop("k", defaults.k)
+    max_iter = kwargs.pop("max_iter", defaults.max_iters)
+    if operator_type == "hessian":
+        if ggn_mode is not None:
+            raise ValueError("ggn_mode does not apply to operator_type='hessian'")
+        return compute_hessian_eigenvalues_lanczos(
+            model, batch, k=k, max_iter=max_iter, config=config, **kwargs
+        )
+    opts = _options(kwargs)
+    result, _, _ = _spectrum(
+        model, batch, operator_type=operator_type, ggn_mode=ggn_mode, k=k, max_iter=max_iter,
+        config=config, opts=opts,
+    )
+    return result
+
+
+def _eigenspace_overlap(U: torch.Tensor, W: torch.Tensor) -> float:
+    r""":math:`\|U^\top W\|_F^2 / \min(k_U, k_W)`: 1 for equal spans, 0 for orthogonal ones."""
+    U64, W64 = U.detach().double().cpu(), W.detach().double().cpu()
+    return float((U64.T @ W64).pow(2).sum() / min(U64.shape[1], W64.shape[1]))
+
+
+def compute_spectrum_comparison(
+    model: nn.Module,
+    data_batch: Any,
+    k: int = 10,
+    ggn_mode: str = "auto",
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Hessian and Fisher/GGN spectra side by side (the seed's comparison).
+
+    Args:
+        model: The model.
+        data_batch: One batch or a re-iterable of batches.
+        k: Eigenvalues of each operator.
+        ggn_mode: The Fisher side's mode (``"auto"`` = exact GGN).
+        **kwargs: As for :func:`compute_fisher_eigenvalues_lanczos`, plus ``max_iter``
+            (default 20) and ``config``. With ``return_eigenvectors=True`` the comparison
+            includes the overlap of the two top-k eigenspaces.
+
+    Returns:
+        ``{"hessian": ..., "fisher_ggn": ..., "comparison": {...}}`` where the comparison
+        holds ``hessian_has_negative``, ``fisher_condition``, both top eigenvalues, their
+        ratio and (with eigenvectors) ``top_eigenspace_overlap``.
+    """
+    max_iter = kwargs.pop("max_iter", 20)
+    config = kwargs.pop("config", None)
+    hess = compute_hessian_eigenvalues_lanczos(
+        model, data_batch, k=k, max_iter=max_iter, config=config, **kwargs
+    )
+    fisher = compute_fisher_eigenvalues_lanczos(
+        model, data_batch, k=k, max_iter=max_iter, ggn_mode=ggn_mode, config=config, **kwargs
+    )
+    h_max, f_max = hess["max_eigenvalue"], fisher["max_eigenvalue"]
+    comparison: dict[str, Any] = {
+        "hessian_has_negative": hess["has_negative_eigenvalues"],
+        "hessian_smallest_eigenvalue": hess["smallest_eigenvalue"],
+        "fisher_condition": fisher["condition_number"],
+        "hessian_max_eigenvalue": h_max,
+        "fisher_max_eigenvalue": f_max,
+        "max_eigenvalue_ratio": h_max / f_max if f_max != 0 else float("nan"),
+        "fisher_operator": fisher["operator_used"],
+    }
+    if "eigenvectors" in hess and "eigenvectors" in fisher:
+        comparison["top_eigenspace_overlap"] = _eigenspace_overlap(
+            hess["eigenvectors"], fisher["eigenvectors"]
+        )
+    return {"hessian": hess, "fisher_ggn": fisher, "comparison": comparison}
