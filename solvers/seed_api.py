@@ -298,7 +298,8 @@ def _spectrum(
         "operator_used": operator_used,
         "is_psd": bool(op.is_psd),
         "note": "; ".join(notes),
-        # metadata
+    }
+    result["metadata"] = {
         "which": res.which,
         "converged": [bool(c) for c in res.converged],
         "k_converged": int(np.sum(res.converged)),
@@ -327,8 +328,8 @@ def _spectrum(
         "solver_peak_memory_bytes": int(res.peak_memory_bytes),
     }
     if op_cls is FisherOperator:
-        result["mc_samples"] = int(op.mc_samples)
-        result["mc_seed"] = int(op.seed)
+        result["metadata"]["mc_samples"] = int(op.mc_samples)
+        result["metadata"]["mc_seed"] = int(op.seed)
     if res.eigenvectors is not None:
         result["eigenvectors"] = res.eigenvectors
     return result, op, res
@@ -418,7 +419,7 @@ def compute_fisher_eigenvalues_lanczos(
         model, data_batch, operator_type="ggn", ggn_mode=mode, k=k, max_iter=max_iter,
         config=config, opts=opts,
     )
-    result["ggn_mode"] = mode
+    result["metadata"]["ggn_mode"] = mode
     return result
 
 
@@ -457,9 +458,9 @@ def compute_hessian_eigenvalues_lanczos(
     )
     low = _smallest_eigenvalue(op, res, opts, config, max_iter)
     result["smallest_eigenvalue"] = low["smallest_eigenvalue"]
-    result["smallest_eigenvalue_residual"] = low["smallest_eigenvalue_residual"]
+    result["metadata"]["smallest_eigenvalue_residual"] = low["smallest_eigenvalue_residual"]
     result["has_negative_eigenvalues"] = low["has_negative_eigenvalues"]
-    result["matvecs"] += low["extra_matvecs"]
+    result["metadata"]["matvecs"] += low["extra_matvecs"]
     return result
 
 

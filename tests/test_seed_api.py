@@ -26,9 +26,20 @@ from torch.func import functional_call, jacrev
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 SEED_KEYS = (
-    "top_eigenvalues", "max_eigenvalue", "min_computed_eigenvalue", "condition_number",
-    "effective_rank", "spectral_gap", "spectral_range", "lanczos_iterations", "k_requested",
-    "k_computed", "batch_size_used", "operator_used", "is_psd", "note",
+    "top_eigenvalues",
+    "max_eigenvalue",
+    "min_computed_eigenvalue",
+    "condition_number",
+    "effective_rank",
+    "spectral_gap",
+    "spectral_range",
+    "lanczos_iterations",
+    "k_requested",
+    "k_computed",
+    "batch_size_used",
+    "operator_used",
+    "is_psd",
+    "note",
 )
 META_KEYS = ("sample_unit", "normalization", "dtype", "seed", "reorth", "matvecs", "time")
 V = 12
@@ -42,24 +53,40 @@ def _transformers():
 
 def gpt2(dtype=torch.float64):
     tr = _transformers()
-    cfg = tr.GPT2Config(n_layer=1, n_embd=4, n_head=2, vocab_size=V, n_positions=8,
-                        bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
-                        attn_pdrop=0.0)
+    cfg = tr.GPT2Config(
+        n_layer=1,
+        n_embd=4,
+        n_head=2,
+        vocab_size=V,
+        n_positions=8,
+        bos_token_id=0,
+        eos_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     torch.manual_seed(0)
     return tr.GPT2LMHeadModel(cfg).to(dtype).eval()
 
 
 def llama():
     tr = _transformers()
-    cfg = tr.LlamaConfig(hidden_size=4, intermediate_size=8, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, vocab_size=V,
-                         max_position_embeddings=8)
+    cfg = tr.LlamaConfig(
+        hidden_size=4,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=V,
+        max_position_embeddings=8,
+    )
     torch.manual_seed(0)
     model = tr.LlamaForCausalLM(cfg).double().eval()
 
     def rms(self, x):  # LlamaRMSNorm upcasts to float32; keep the fixture truly float64
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True)
-                                              + self.variance_epsilon))
+        return self.weight * (
+            x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        )
 
     for module in model.modules():
         if type(module).__name__ == "LlamaRMSNorm":
@@ -69,9 +96,17 @@ def llama():
 
 def bert_cls():
     tr = _transformers()
-    cfg = tr.BertConfig(hidden_size=4, intermediate_size=8, num_hidden_layers=1,
-                        num_attention_heads=2, vocab_size=V, max_position_embeddings=8,
-                        num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    cfg = tr.BertConfig(
+        hidden_size=4,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        vocab_size=V,
+        max_position_embeddings=8,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     torch.manual_seed(0)
     return tr.BertForSequenceClassification(cfg).double().eval()
 
@@ -132,8 +167,9 @@ def reference_hessian(model, batch):
     theta = _flat(model).requires_grad_(True)
     with sdpa_kernel(SDPBackend.MATH):
         z = logits(theta)
-        loss = nn.functional.cross_entropy(z.reshape(-1, z.shape[-1]), tgt.reshape(-1),
-                                           ignore_index=-100)
+        loss = nn.functional.cross_entropy(
+            z.reshape(-1, z.shape[-1]), tgt.reshape(-1), ignore_index=-100
+        )
         (g,) = torch.autograd.grad(loss, theta, create_graph=True)
         eye = torch.eye(theta.numel(), dtype=theta.dtype)
         (H,) = torch.autograd.grad(g, theta, eye, is_grads_batched=True)
@@ -154,19 +190,21 @@ ACCURATE = {"max_iter": 150, "tol": 1e-13}
 
 # --- float64: equal to independent references ------------------------------------------
 @pytest.mark.hf
-@pytest.mark.parametrize("build, batch", [(gpt2, lm_batch), (llama, lm_batch),
-                                          (bert_cls, cls_batch)])
+@pytest.mark.parametrize(
+    "build, batch", [(gpt2, lm_batch), (llama, lm_batch), (bert_cls, cls_batch)]
+)
 def test_fisher_true_mode_equals_reference_ggn(build, batch):
     model, b = build(), batch()
     expected = eigsh(reference_ggn(model, b))
     r = compute_fisher_eigenvalues_lanczos(model, b, k=5, ggn_mode="true", **ACCURATE)
-    assert r["operator_used"] == "ggn" and r["k_converged"] == 5
+    assert r["operator_used"] == "ggn" and r["metadata"]["k_converged"] == 5
     assert relerr(r["top_eigenvalues"], expected) <= 1e-8
 
 
 @pytest.mark.hf
-@pytest.mark.parametrize("build, batch", [
-    (gpt2, lm_batch), pytest.param(bert_cls, cls_batch, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "build, batch", [(gpt2, lm_batch), pytest.param(bert_cls, cls_batch, marks=pytest.mark.slow)]
+)
 def test_hessian_equals_reference(build, batch):
     model, b = build(), batch()
     H = reference_hessian(model, b)
@@ -176,7 +214,9 @@ def test_hessian_equals_reference(build, batch):
     assert relerr(r["top_eigenvalues"], eigsh(H)) <= 1e-8
     smallest = eigsh(H, k=1, which="SA")[0]
     assert r["has_negative_eigenvalues"] == (smallest < 0)
-    if r["k_converged"] == 5 and r["smallest_eigenvalue_residual"] < 1e-8 * abs(smallest):
+    if r["metadata"]["k_converged"] == 5 and r["metadata"][
+        "smallest_eigenvalue_residual"
+    ] < 1e-8 * abs(smallest):
         assert abs(r["smallest_eigenvalue"] - smallest) <= 1e-6 * abs(smallest)
 
 
@@ -188,19 +228,25 @@ def test_right_padding_equals_unpadded_sequences_each_its_own_batch():
     unpadded = [{"input_ids": b["input_ids"][i : i + 1, :L]} for i, L in enumerate(lengths)]
     padded = compute_fisher_eigenvalues_lanczos(model, b, ggn_mode="true", **ACCURATE)
     separate = compute_fisher_eigenvalues_lanczos(model, unpadded, ggn_mode="true", **ACCURATE)
-    assert padded["num_loss_terms"] == separate["num_loss_terms"] == sum(lengths) - 3
+    assert (
+        padded["metadata"]["num_loss_terms"]
+        == separate["metadata"]["num_loss_terms"]
+        == sum(lengths) - 3
+    )
     assert relerr(separate["top_eigenvalues"], np.array(padded["top_eigenvalues"])) <= 1e-10
 
 
 @pytest.mark.hf
 def test_forced_tiny_memory_budget_micro_batches_without_changing_the_spectrum():
     model, b = gpt2(), lm_batch(n=6, seed=3)
-    whole = compute_fisher_eigenvalues_lanczos(model, b, ggn_mode="true", micro_batch_size=None,
-                                               **ACCURATE)
-    plan_probe = compute_fisher_eigenvalues_lanczos(model, b, ggn_mode="true",
-                                                    memory_budget_bytes=2**34, **ACCURATE)
-    per_ex = plan_probe["micro_batch_plan"]["bytes_per_example"]
-    fixed = plan_probe["micro_batch_plan"]["fixed_bytes"]
+    whole = compute_fisher_eigenvalues_lanczos(
+        model, b, ggn_mode="true", micro_batch_size=None, **ACCURATE
+    )
+    plan_probe = compute_fisher_eigenvalues_lanczos(
+        model, b, ggn_mode="true", memory_budget_bytes=2**34, **ACCURATE
+    )
+    per_ex = plan_probe["metadata"]["micro_batch_plan"]["bytes_per_example"]
+    fixed = plan_probe["metadata"]["micro_batch_plan"]["fixed_bytes"]
     split = compute_fisher_eigenvalues_lanczos(
         model, b, ggn_mode="true", memory_budget_bytes=int(fixed + 2.5 * per_ex), **ACCURATE
     )
@@ -218,10 +264,11 @@ def test_bf16_model_stays_bf16_and_top_eigenvalue_is_close_to_fp64():
     b = lm_batch()
     exact = compute_fisher_eigenvalues_lanczos(m64, b, k=3, ggn_mode="true", **ACCURATE)
     low = compute_fisher_eigenvalues_lanczos(mbf, b, k=3, max_iter=40, ggn_mode="true")
-    assert all(p.dtype == torch.bfloat16 and p.data_ptr() == ptrs[n]
-               for n, p in mbf.named_parameters())
-    assert low["dtype"] == "bfloat16" and low["dtype_compute"] == "bfloat16"
-    assert low["reorth"] == "full" and low["rayleigh_ritz"]
+    assert all(
+        p.dtype == torch.bfloat16 and p.data_ptr() == ptrs[n] for n, p in mbf.named_parameters()
+    )
+    assert low["metadata"]["dtype"] == "bfloat16" and low["metadata"]["dtype_compute"] == "bfloat16"
+    assert low["metadata"]["reorth"] == "full" and low["metadata"]["rayleigh_ritz"]
     # Stated tolerance: products in bf16 (eps 7.8e-3) give the top eigenvalue to ~1e-2.
     assert abs(low["max_eigenvalue"] - exact["max_eigenvalue"]) <= 3e-2 * exact["max_eigenvalue"]
 
@@ -240,10 +287,13 @@ def _known_linear(spectrum=(8.0, 4.0, 2.0, 1.0, 0.5, 0.25, 0.1)):
 
 def test_seed_keys_and_metrics_on_a_known_spectrum():
     model, data, lam = _known_linear()
-    r = compute_fisher_eigenvalues_lanczos(model, data, k=4, max_iter=20, ggn_mode="true",
-                                           loss_fn=nn.MSELoss(reduction="sum"))
-    for key in SEED_KEYS + META_KEYS:
+    r = compute_fisher_eigenvalues_lanczos(
+        model, data, k=4, max_iter=20, ggn_mode="true", loss_fn=nn.MSELoss(reduction="sum")
+    )
+    for key in SEED_KEYS:
         assert key in r, key
+    for key in META_KEYS:
+        assert key in r["metadata"], key
     top = lam[:4]
     np.testing.assert_allclose(r["top_eigenvalues"], top, rtol=1e-10)
     assert r["max_eigenvalue"] == pytest.approx(8.0, rel=1e-10)
@@ -256,8 +306,12 @@ def test_seed_keys_and_metrics_on_a_known_spectrum():
     assert (r["k_requested"], r["k_computed"]) == (4, 4)
     assert r["lanczos_iterations"] <= 7 and r["batch_size_used"] == 20
     assert r["operator_used"] == "ggn" and r["is_psd"] is True
-    assert r["sample_unit"] == "example" and r["normalization"] == "sum"
-    assert r["reorth"] == "selective" and r["dtype"] == "float64" and r["seed"] == 0
+    assert r["metadata"]["sample_unit"] == "example" and r["metadata"]["normalization"] == "sum"
+    assert (
+        r["metadata"]["reorth"] == "selective"
+        and r["metadata"]["dtype"] == "float64"
+        and r["metadata"]["seed"] == 0
+    )
     assert isinstance(r["note"], str) and "computed" in r["note"]
 
 
@@ -266,18 +320,26 @@ def test_ggn_mode_mapping_and_empirical_fisher_against_per_example_loop():
     loss = nn.MSELoss(reduction="sum")
     ef = compute_fisher_eigenvalues_lanczos(model, (X, y), k=3, max_iter=7, loss_fn=loss)
     assert ef["operator_used"] == "empirical_fisher"  # the seed's default ggn_mode
-    G = torch.stack([torch.autograd.grad(loss(model(X[i : i + 1]), y[i : i + 1]),
-                                         model.weight)[0].reshape(-1) for i in range(20)])
+    G = torch.stack(
+        [
+            torch.autograd.grad(loss(model(X[i : i + 1]), y[i : i + 1]), model.weight)[0].reshape(
+                -1
+            )
+            for i in range(20)
+        ]
+    )
     expected = np.sort(np.linalg.eigvalsh((G.T @ G).numpy()))[::-1][:3]
     np.testing.assert_allclose(ef["top_eigenvalues"], expected, rtol=1e-9)
-    assert compute_fisher_eigenvalues_lanczos(model, (X, y), k=2, use_ggn=False,
-                                              ggn_mode="true", loss_fn=loss)[
-        "operator_used"] == "empirical_fisher"
+    assert (
+        compute_fisher_eigenvalues_lanczos(
+            model, (X, y), k=2, use_ggn=False, ggn_mode="true", loss_fn=loss
+        )["operator_used"]
+        == "empirical_fisher"
+    )
     auto = compute_fisher_eigenvalues_lanczos(model, (X, y), k=2, ggn_mode="auto", loss_fn=loss)
-    mc = compute_fisher_eigenvalues_lanczos(model, (X, y), k=2, ggn_mode="mc", loss_fn=loss,
-                                            seed=3)
+    mc = compute_fisher_eigenvalues_lanczos(model, (X, y), k=2, ggn_mode="mc", loss_fn=loss, seed=3)
     assert auto["operator_used"] == "ggn" and mc["operator_used"] == "fisher_mc"
-    assert mc["mc_seed"] == 3
+    assert mc["metadata"]["mc_seed"] == 3
     np.testing.assert_allclose(auto["top_eigenvalues"], lam[:2], rtol=1e-10)
 
 
@@ -297,15 +359,21 @@ def test_hessian_negative_flag_from_the_smallest_eigenvalue():
 def test_spectrum_and_comparison_entry_points():
     model, b = gpt2(), lm_batch()
     H = reference_hessian(model, b)
-    r = compute_spectrum(model, b, operator_type="hessian",
-                         config=LanczosConfig(k=3, max_iters=150, tol=1e-13))
+    r = compute_spectrum(
+        model, b, operator_type="hessian", config=LanczosConfig(k=3, max_iters=150, tol=1e-13)
+    )
     assert relerr(r["top_eigenvalues"], eigsh(H, k=3)) <= 1e-8
     assert r["has_negative_eigenvalues"] is True and eigsh(H, k=1, which="SA")[0] < 0
-    ef = compute_spectrum(model, b, operator_type="empirical_fisher",
-                          config=LanczosConfig(k=2, max_iters=30, reorth_period=0))
-    assert ef["operator_used"] == "empirical_fisher" and ef["reorth"] == "full"
-    cmp_ = compute_spectrum_comparison(model, b, k=3, max_iter=150, tol=1e-13,
-                                       return_eigenvectors=True)
+    ef = compute_spectrum(
+        model,
+        b,
+        operator_type="empirical_fisher",
+        config=LanczosConfig(k=2, max_iters=30, reorth_period=0),
+    )
+    assert ef["operator_used"] == "empirical_fisher" and ef["metadata"]["reorth"] == "full"
+    cmp_ = compute_spectrum_comparison(
+        model, b, k=3, max_iter=150, tol=1e-13, return_eigenvectors=True
+    )
     c = cmp_["comparison"]
     assert c["hessian_has_negative"] is True
     assert c["fisher_condition"] == cmp_["fisher_ggn"]["condition_number"]
@@ -315,8 +383,9 @@ def test_spectrum_and_comparison_entry_points():
 
 def test_identical_operators_have_overlap_one():
     model, data, _ = _known_linear()
-    c = compute_spectrum_comparison(model, data, k=3, loss_fn=nn.MSELoss(reduction="sum"),
-                                    return_eigenvectors=True)["comparison"]
+    c = compute_spectrum_comparison(
+        model, data, k=3, loss_fn=nn.MSELoss(reduction="sum"), return_eigenvectors=True
+    )["comparison"]
     assert c["top_eigenspace_overlap"] == pytest.approx(1.0, abs=1e-10)
     assert c["max_eigenvalue_ratio"] == pytest.approx(1.0, rel=1e-10)
 
@@ -327,8 +396,13 @@ def test_identical_operators_have_overlap_one():
     "batch, match",
     [
         ({"attention_mask": torch.ones(2, 5, dtype=torch.long)}, "input_ids"),
-        ({"input_ids": torch.zeros(2, 5, dtype=torch.long),
-          "labels": torch.zeros(2, 4, dtype=torch.long)}, "labels"),
+        (
+            {
+                "input_ids": torch.zeros(2, 5, dtype=torch.long),
+                "labels": torch.zeros(2, 4, dtype=torch.long),
+            },
+            "labels",
+        ),
         ({"input_ids": torch.zeros(0, 5, dtype=torch.long)}, "empty"),
         ([], "empty"),
     ],
@@ -349,10 +423,10 @@ def test_bad_arguments():
     with pytest.raises(TypeError, match="unexpected keyword"):
         compute_fisher_eigenvalues_lanczos(model, b, batch_size=2)
     tr = _transformers()
-    cfg = tr.GPT2Config(n_layer=1, n_embd=4, n_head=2, vocab_size=V, n_positions=8,
-                        resid_pdrop=0.1)
+    cfg = tr.GPT2Config(n_layer=1, n_embd=4, n_head=2, vocab_size=V, n_positions=8, resid_pdrop=0.1)
     with pytest.raises(ValueError, match="dropout"):
         compute_fisher_eigenvalues_lanczos(tr.GPT2LMHeadModel(cfg).double().train(), b)
     with pytest.raises(TypeError, match="loss_fn"):
-        compute_fisher_eigenvalues_lanczos(nn.Linear(3, 1), (torch.zeros(4, 3), torch.zeros(4, 1)),
-                                           k=1)
+        compute_fisher_eigenvalues_lanczos(
+            nn.Linear(3, 1), (torch.zeros(4, 3), torch.zeros(4, 1)), k=1
+        )

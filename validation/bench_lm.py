@@ -193,13 +193,15 @@ def main() -> None:
             rows.append({
                 "curvops_seconds": t_ours, "eigsh_seconds": t_ref,
                 "time_ratio_curvops_over_eigsh": t_ours / t_ref,
-                "curvops_matvecs": ours["matvecs"], "eigsh_matvecs": ref["matvecs"],
-                "seconds_per_matvec_ratio": (t_ours / ours["matvecs"]) / (t_ref / ref["matvecs"]),
+                "curvops_matvecs": ours["metadata"]["matvecs"], "eigsh_matvecs": ref["matvecs"],
+                "seconds_per_matvec_ratio": (t_ours / ours["metadata"]["matvecs"])
+                / (t_ref / ref["matvecs"]),
                 "curvops_peak_bytes": mem_c.peak, "eigsh_peak_bytes": mem_r.peak,
                 "memory_ratio_curvops_over_eigsh": mem_c.peak / max(mem_r.peak, 1),
                 "curvops_top": top_o.tolist(), "eigsh_top": top_r.tolist(),
                 "top1_relative_difference": float(abs(top_o[0] - top_r[0]) / abs(top_r[0])),
-                "curvops_converged": ours["converged"], "curvops_reorth": ours["reorth"],
+                "curvops_converged": ours["metadata"]["converged"],
+                "curvops_reorth": ours["metadata"]["reorth"],
                 "curvops_iterations": ours["lanczos_iterations"],
             })
             print(json.dumps(rows[-1], indent=1), flush=True)
@@ -221,8 +223,9 @@ def main() -> None:
                     micro_batch_size=None,
                 )
                 res[name] = {"seconds": time.perf_counter() - t, "peak_bytes": mem.peak,
-                             "top": r["top_eigenvalues"], "reorth": r["reorth"],
-                             "rayleigh_ritz": r["rayleigh_ritz"], "dtype": r["dtype"],
+                             "top": r["top_eigenvalues"], "reorth": r["metadata"]["reorth"],
+                             "rayleigh_ritz": r["metadata"]["rayleigh_ritz"],
+                             "dtype": r["metadata"]["dtype"],
                              "iterations": r["lanczos_iterations"]}
         assert all(p.dtype == torch.bfloat16 for p in mbf.parameters())
         res["n_params"] = sum(p.numel() for p in m32.parameters())
