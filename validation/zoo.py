@@ -1,0 +1,384 @@
+r"""The validation model zoo: models built from code or configs, with deterministic data.
+
+Nothing is ever downloaded. Every model is built from a seeded random initialisation
+(the global torch RNG is forked and restored, so building a model changes no caller
+state), and every data set is drawn from an explicit ``torch.Generator``:
+
+* supervised models (``mlp``, ``cnn``) get classification data ``(inputs, class)``,
+  the classes from a fixed random teacher so the loss is not flat;
+* HuggingFace models (``gpt2-*``, ``llama-tiny``, ``bert-cls``) get dict batches of
+  token sequences of varying length, right-padded: ``input_ids``, ``attention_mask`` and
+  ``labels`` (``-100`` on the padding; one class per sequence for ``bert-cls``).
+
+The HuggingFace models take the path users take: built from a config with the default
+attention implementation (``sdpa``; every curvops product selects a kernel that supports
+double backward and forward-mode AD by itself), used as they are (no wrapper), with
+``loss_fn = hf_objective(model, normalization="token")``
+(:mod:`curvops.adapters.hf`): :math:`L = \frac{1}{\#\text{target tokens}} \sum_n
+\ell_n`, one example = one sequence, the causal shift applied by the objective.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+IGNORE_INDEX = -100  # the label HuggingFace and torch's cross-entropy ignore
+
+__all__ = [
+    "ZOO",
+    "ZooEntry",
+    "ZooProblem",
+    "build",
+    "classification_data",
+    "token_data",
+    "zoo_names",
+]
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run a block with the global torch RNG seeded, restoring the caller's RNG state after."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+# --- data -----------------------------------------------------------------------------------
+def classification_data(
+    num_examples: int,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    *,
+    batch_size: int | None = None,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+) -> list[tuple[Tensor, Tensor]]:
+    """Gaussian inputs with labels from a random linear teacher plus noise.
+
+    Args:
+        num_examples: N.
+        input_shape: Shape of one input, e.g. ``(8,)`` or ``(1, 6, 6)``.
+        num_classes: C.
+        batch_size: Examples per batch (default: one batch).
+        dtype: Input dtype (the model's).
+        seed: Seed of the generator.
+
+    Returns:
+        A list of ``(X, y)`` batches, ``X`` of shape ``(b, *input_shape)``, ``y`` int64.
+    """
+    if num_examples < 1 or num_classes < 2:
+        raise ValueError("need num_examples >= 1 and num_classes >= 2")
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(num_examples, *input_shape, generator=gen, dtype=torch.float64)
+    teacher = torch.randn(X[0].numel(), num_classes, generator=gen, dtype=torch.float64)
+    noise = torch.randn(num_examples, num_classes, generator=gen, dtype=torch.float64)
+    y = (X.reshape(num_examples, -1) @ teacher + noise).argmax(dim=1)
+    X = X.to(dtype)
+    size = num_examples if batch_size is None else batch_size
+    return [(X[i : i + size], y[i : i + size]) for i in range(0, num_examples, size)]
+
+
+def token_data(
+    num_sequences: int,
+    seq_len: int,
+    vocab_size: int,
+    *,
+    batch_size: int | None = None,
+    min_len: int | None = None,
+    seed: int = 0,
+) -> list[dict[str, Tensor]]:
+    """Random token sequences of varying length, right-padded, as HuggingFace dict batches.
+
+    Sequence ``i`` has a length drawn uniformly from ``[min_len, seq_len]`` (the first one
+    is full length, so no column is all padding); the padding has token 0,
+    ``attention_mask`` 0 and label ``-100``. ``labels`` are the token ids themselves,
+    unshifted, as HuggingFace causal LMs take them: the objective applies the shift.
+
+    Args:
+        num_sequences: N.
+        seq_len: T, the padded length.
+        vocab_size: Token ids are drawn from ``[1, vocab_size)`` (0 is the padding).
+        batch_size: Sequences per batch (default: one batch).
+        min_len: Shortest sequence (default ``max(2, T // 2)``).
+        seed: Seed of the generator.
+
+    Returns:
+        A list of ``{"input_ids", "attention_mask", "labels"}`` batches, each ``(b, T)``.
+
+    Raises:
+        ValueError: ``seq_len < 2``, ``min_len`` outside ``[2, seq_len]``, ``vocab_size < 2``
+            or ``num_sequences < 1``.
+    """
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+    if vocab_size < 2 or num_sequences < 1:
+        raise ValueError("need vocab_size >= 2 and num_sequences >= 1")
+    lo = max(2, seq_len // 2) if min_len is None else min_len
+    if not 2 <= lo <= seq_len:
+        raise ValueError(f"min_len must lie in [2, seq_len], got {lo}")
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab_size, (num_sequences, seq_len), generator=gen)
+    lengths = torch.randint(lo, seq_len + 1, (num_sequences,), generator=gen)
+    lengths[0] = seq_len  # at least one full-length sequence: no all-padding column
+    mask = (torch.arange(seq_len)[None, :] < lengths[:, None]).long()
+    ids = ids * mask
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    size = num_sequences if batch_size is None else batch_size
+    return [
+        {"input_ids": ids[i : i + size], "attention_mask": mask[i : i + size],
+         "labels": labels[i : i + size]}
+        for i in range(0, num_sequences, size)
+    ]
+
+
+# --- models ---------------------------------------------------------------------------------
+class _SmallCNN(nn.Module):
+    """Conv(1→3, 3x3) → tanh → avg-pool 2 → linear to C classes, for ``(1, 6, 6)`` inputs."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3)
+        self.pool = nn.AvgPool2d(2)
+        self.fc = nn.Linear(3 * 2 * 2, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits ``(N, C)``."""
+        return self.fc(self.pool(torch.tanh(self.conv(x))).flatten(1))
+
+
+# --- the zoo --------------------------------------------------------------------------------
+@dataclass
+class ZooProblem:
+    """A built model with its loss and data, ready for an operator.
+
+    Attributes:
+        name: Zoo name.
+        model: The network, in eval mode (a transformers model for the HF entries).
+        loss_fn: A torch loss module, or for HF models the curvops objective
+            ``hf_objective(model, normalization="token")``.
+        data: A list of batches (``(X, y)`` pairs, or HF dicts).
+        dtype: The parameters' dtype.
+        num_params: Number of trainable parameters.
+        kind: ``"classification"`` or ``"language-model"``.
+    """
+
+    name: str
+    model: nn.Module
+    loss_fn: Any
+    data: list[Any]
+    dtype: torch.dtype
+    num_params: int
+    kind: str
+
+    def operator(self, operator: str, **kwargs: Any) -> Any:
+        """The curvature operator named ``operator`` on this problem (see :data:`OPERATORS`)."""
+        return make_operator(operator, self.model, self.loss_fn, self.data, **kwargs)
+
+    def first_batch(self) -> Any:
+        """The first batch (the Gram trick works on one batch)."""
+        return self.data[0]
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """How to build one zoo model.
+
+    Attributes:
+        name: Its name on the command line.
+        description: One line for reports.
+        approx_params: Parameter count (exact for the fixed configs; printed in listings).
+        factory: ``factory(dtype, seed) -> ZooProblem``.
+        needs_hf: Whether it needs ``transformers`` (the ``hf`` extra).
+        dense_ok: Whether its dense matrix is small enough to be the reference.
+    """
+
+    name: str
+    description: str
+    approx_params: int
+    factory: Callable[[torch.dtype, int], ZooProblem] = field(repr=False)
+    needs_hf: bool = False
+    dense_ok: bool = False
+
+
+def _count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _build_mlp(dtype: torch.dtype, seed: int) -> ZooProblem:
+    with seeded(seed):
+        model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 8), nn.Tanh(),
+                              nn.Linear(8, 3))
+    model = model.to(dtype).eval()
+    data = classification_data(32, (6,), 3, batch_size=16, dtype=dtype, seed=seed + 1)
+    return ZooProblem("mlp", model, nn.CrossEntropyLoss(), data, dtype, _count(model),
+                      "classification")
+
+
+def _build_cnn(dtype: torch.dtype, seed: int) -> ZooProblem:
+    with seeded(seed):
+        model = _SmallCNN(4)
+    model = model.to(dtype).eval()
+    data = classification_data(24, (1, 6, 6), 4, batch_size=12, dtype=dtype, seed=seed + 1)
+    return ZooProblem("cnn", model, nn.CrossEntropyLoss(), data, dtype, _count(model),
+                      "classification")
+
+
+def _require_transformers() -> Any:
+    try:
+        import transformers
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "this zoo model needs transformers: pip install 'curvops[hf]'"
+        ) from err
+    return transformers
+
+
+def _hf_problem(name: str, model: nn.Module, data: list[Any], dtype: torch.dtype,
+                kind: str) -> ZooProblem:
+    """A transformers model as users hold it, with the project's HF objective as its loss."""
+    from curvops.adapters.hf import hf_objective
+
+    model = model.to(dtype).eval()
+    return ZooProblem(name, model, hf_objective(model, normalization="token"), data, dtype,
+                      _count(model), kind)
+
+
+def _gpt2_factory(
+    name: str, *, n_embd: int, n_layer: int, n_head: int, vocab: int, seq_len: int,
+    num_sequences: int, batch_size: int,
+) -> Callable[[torch.dtype, int], ZooProblem]:
+    def build_gpt2(dtype: torch.dtype, seed: int) -> ZooProblem:
+        tf = _require_transformers()
+        config = tf.GPT2Config(
+            vocab_size=vocab, n_positions=seq_len, n_embd=n_embd, n_layer=n_layer,
+            n_head=n_head, bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+        with seeded(seed):
+            lm = tf.GPT2LMHeadModel(config)
+        data = token_data(num_sequences, seq_len, vocab, batch_size=batch_size, seed=seed + 1)
+        return _hf_problem(name, lm, data, dtype, "language-model")
+
+    return build_gpt2
+
+
+def _build_llama_tiny(dtype: torch.dtype, seed: int) -> ZooProblem:
+    # LlamaRMSNorm computes in float32 even in a float64 model: a float64 LLaMA is only a
+    # float32-accurate function (~5e-8), so this model belongs on the float32 rung.
+    tf = _require_transformers()
+    config = tf.LlamaConfig(
+        vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )
+    with seeded(seed):
+        lm = tf.LlamaForCausalLM(config)
+    data = token_data(6, 8, 16, batch_size=3, seed=seed + 1)
+    return _hf_problem("llama-tiny", lm, data, dtype, "language-model")
+
+
+def _build_bert_cls(dtype: torch.dtype, seed: int) -> ZooProblem:
+    tf = _require_transformers()
+    config = tf.BertConfig(
+        vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=16, max_position_embeddings=16, num_labels=3,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0,
+        pad_token_id=0,
+    )
+    with seeded(seed):
+        clf = tf.BertForSequenceClassification(config)
+    gen = torch.Generator().manual_seed(seed + 1)
+    batches = token_data(12, 8, 16, batch_size=6, seed=seed + 1)
+    classes = torch.randint(0, 3, (12,), generator=gen)
+    data = [{**{k: v for k, v in b.items() if k != "labels"}, "labels": classes[i * 6:(i + 1) * 6]}
+            for i, b in enumerate(batches)]
+    return _hf_problem("bert-cls", clf, data, dtype, "classification")
+
+
+ZOO: dict[str, ZooEntry] = {
+    e.name: e
+    for e in [
+        ZooEntry("mlp", "MLP 6-10-8-3 (tanh), 32 examples, cross-entropy", 185, _build_mlp,
+                 dense_ok=True),
+        ZooEntry("cnn", "CNN conv3x3(1→3)-tanh-pool-linear, 24 images 6x6, 4 classes", 82,
+                 _build_cnn, dense_ok=True),
+        ZooEntry("gpt2-tiny", "GPT-2 1 layer, d=8, vocab 16, 6 padded sequences of 8",
+                 1_080, _gpt2_factory("gpt2-tiny", n_embd=8, n_layer=1, n_head=2, vocab=16,
+                                    seq_len=8, num_sequences=6, batch_size=3),
+                 needs_hf=True, dense_ok=True),
+        ZooEntry("llama-tiny", "LLaMA 1 layer, d=8, GQA 2/1 heads, vocab 16", 856,
+                 _build_llama_tiny, needs_hf=True, dense_ok=True),
+        ZooEntry("bert-cls", "BERT 1 layer, d=8, sequence classification (3 classes)", 987,
+                 _build_bert_cls, needs_hf=True, dense_ok=True),
+        ZooEntry("gpt2-small", "GPT-2 2 layers, d=32, vocab 128 (eigsh-referenced)", 30_080,
+                 _gpt2_factory("gpt2-small", n_embd=32, n_layer=2, n_head=2, vocab=128,
+                               seq_len=16, num_sequences=8, batch_size=4),
+                 needs_hf=True),
+        ZooEntry("gpt2-1m", "GPT-2 4 layers, d=128, vocab 1024 (≈0.93 M)", 928_512,
+                 _gpt2_factory("gpt2-1m", n_embd=128, n_layer=4, n_head=4, vocab=1024,
+                               seq_len=32, num_sequences=8, batch_size=4),
+                 needs_hf=True),
+        ZooEntry("gpt2-10m", "GPT-2 10 layers, d=256, vocab 8192 (≈10 M)", 10_003_456,
+                 _gpt2_factory("gpt2-10m", n_embd=256, n_layer=10, n_head=8, vocab=8192,
+                               seq_len=32, num_sequences=4, batch_size=4),
+                 needs_hf=True),
+        ZooEntry("gpt2-124m", "GPT-2 small config: 12 layers, d=768, vocab 50257; 32 positions "
+                 "(123.7 M; 124.4 M with GPT-2's 1024)", 123_677_952,
+                 _gpt2_factory("gpt2-124m", n_embd=768, n_layer=12, n_head=12, vocab=50257,
+                               seq_len=32, num_sequences=2, batch_size=2),
+                 needs_hf=True),
+    ]
+}
+
+
+def zoo_names() -> list[str]:
+    """Names of the zoo's models, smallest first."""
+    return list(ZOO)
+
+
+def build(name: str, dtype: torch.dtype = torch.float64, seed: int = 0) -> ZooProblem:
+    """Build zoo model ``name`` in ``dtype`` with its data.
+
+    Raises:
+        ValueError: For an unknown name.
+        TypeError: For a non-floating dtype.
+    """
+    if name not in ZOO:
+        raise ValueError(f"unknown zoo model {name!r}; choose from {', '.join(ZOO)}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch dtype, got {dtype!r}")
+    return ZOO[name].factory(dtype, seed)
+
+
+# --- operators by name ----------------------------------------------------------------------
+OPERATORS = ("hessian", "ggn", "ef", "fisher_mc")
+
+
+def make_operator(name: str, model: nn.Module, loss_fn: Any, data: Any, **kwargs: Any) -> Any:
+    """A curvature operator by its short name: hessian, ggn, ef, fisher_mc.
+
+    Raises:
+        ValueError: For an unknown name.
+    """
+    from curvops.linops import (
+        EmpiricalFisherOperator,
+        FisherOperator,
+        GGNOperator,
+        HessianOperator,
+    )
+
+    if name == "hessian":
+        return HessianOperator(model, loss_fn, data, **kwargs)
+    if name == "ggn":
+        return GGNOperator(model, loss_fn, data, **kwargs)
+    if name == "ef":
+        return EmpiricalFisherOperator(model, loss_fn, data, **kwargs)
+    if name == "fisher_mc":
+        return FisherOperator(model, loss_fn, data, mode="mc", seed=0, **kwargs)
+    raise ValueError(f"unknown operator {name!r}; choose from {', '.join(OPERATORS)}")
