@@ -21,10 +21,9 @@ test file builds the same ones. Nothing in this file imports curvops.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import pytest
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, hessian, jacrev
@@ -510,17 +509,9 @@ def reference_and_torch_loss(problem: Problem) -> tuple[Tensor, Tensor]:
         return L(theta), problem.spec.module()(problem.model(X), Y)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_torch_thread() -> Iterator[None]:
-    """Run a module's tests with one torch thread, restoring the setting afterwards.
-
-    The test models have a few hundred parameters: intra-op threads only add overhead, and
-    on a busy 2-core machine their spin-waits cost ~7x the CPU time (measured: 15 s vs 115 s
-    for these files). Test modules opt in with ``single_torch_thread = R.single_torch_thread``.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+def matrix_with_spectrum(eigenvalues: Tensor, seed: int = 0) -> Tensor:
+    """A dense symmetric float64 matrix ``Q diag(eigenvalues) Qᵀ`` with a seeded random ``Q``."""
+    n = eigenvalues.numel()
+    gen = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    return (Q * eigenvalues) @ Q.T

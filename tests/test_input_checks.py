@@ -17,7 +17,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 ALL = [HessianOperator, GGNOperator, FisherOperator, EmpiricalFisherOperator]
 
-single_torch_thread = R.single_torch_thread  # one torch thread for these tiny models
 
 
 class CountingNet(nn.Module):

@@ -193,6 +193,29 @@ def test_cullum_willoughby_unit() -> None:
     assert n_spur == 0 and reps.size == 3
 
 
+@pytest.mark.parametrize("seed", [0, 2])
+def test_none_keeps_weakly_represented_eigenvalue(seed: int) -> None:
+    # float32, top eigenvalues 10, 9, 8, 7.5, 7, 6 with a start vector that has a small
+    # component (1e-2 of a standard normal) on 7.5. Its eigenvector of T then has a small
+    # first component, so it matches an eigenvalue of T-hat inside the (working-precision)
+    # CW tolerance: it used to be dropped as spurious and the run stopped with
+    # [10, 9, 8, 7, 6] all "converged".
+    n = 200
+    ev = np.concatenate([[10.0, 9.0, 8.0, 7.0, 6.0, 7.5],
+                         np.random.default_rng(seed).uniform(0, 5, n - 6)])
+    Q = np.linalg.qr(np.random.default_rng(seed + 10).standard_normal((n, n)))[0]
+    A = (Q * ev) @ Q.T
+    A = (A + A.T) / 2
+    z = np.random.default_rng(seed + 20).standard_normal(n)
+    z[5] = 1e-2
+    res = lanczos(torch.tensor(A, dtype=torch.float32), 5,
+                  v0=torch.tensor(Q @ z, dtype=torch.float32),
+                  config=LanczosConfig(reorth="none", tol=1e-5, max_iters=600,
+                                       return_eigenvectors=False))
+    assert res.all_converged
+    np.testing.assert_allclose(res.eigenvalues, [10, 9, 8, 7.5, 7], rtol=1e-4)
+
+
 # ---------------------------------------------------------------------- orthogonality
 @pytest.mark.parametrize(("reorth", "bound"), [("full", 1e-12), ("selective", 1e-6),
                                                ("partial", 1e-6)])

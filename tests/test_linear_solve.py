@@ -24,21 +24,6 @@ from scipy.sparse.linalg import aslinearoperator
 from torch import nn
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def matrix_with_spectrum(eigenvalues: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    n = eigenvalues.numel()
-    gen = torch.Generator().manual_seed(seed)
-    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
-    return (Q * eigenvalues) @ Q.T
-
-
 def rhs(n: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
@@ -74,7 +59,7 @@ def ill_conditioned_ggn():
 
 @pytest.mark.parametrize("solver", [cg, minres])
 def test_solves_spd_system_to_tolerance(solver):
-    A = matrix_with_spectrum(torch.logspace(-3, 1, 120, dtype=torch.float64))
+    A = R.matrix_with_spectrum(torch.logspace(-3, 1, 120, dtype=torch.float64))
     b = rhs(120)
     ref = numpy_solve(A, b, damping=0.01)
     result = solver(A, b, damping=0.01, tol=1e-10)
@@ -91,13 +76,13 @@ def test_solves_spd_system_to_tolerance(solver):
 def test_minres_solves_indefinite_system_that_cg_refuses():
     lam = torch.cat([-torch.linspace(0.5, 5, 40, dtype=torch.float64),
                      torch.linspace(0.2, 3, 60, dtype=torch.float64)])
-    A = matrix_with_spectrum(lam, seed=3)
+    A = R.matrix_with_spectrum(lam, seed=3)
     b = rhs(100, seed=4)
     result = minres(A, b, tol=1e-10)
     assert result.converged and result.relative_residual <= 1e-9
     assert rel_err(result.x, numpy_solve(A, b)) <= 1e-8
     with pytest.raises(ValueError, match="not positive definite"):
-        cg(-matrix_with_spectrum(torch.linspace(1, 2, 100, dtype=torch.float64)), b)
+        cg(-R.matrix_with_spectrum(torch.linspace(1, 2, 100, dtype=torch.float64)), b)
 
 
 def test_minres_on_the_hessian_of_a_small_model():
@@ -156,7 +141,7 @@ def test_lanczos_low_rank_preconditioner_reduces_cg_iterations(ill_conditioned_g
 def test_diagonal_preconditioner_is_jacobi():
     gen = torch.Generator().manual_seed(8)
     # Badly scaled SPD matrix: D^(1/2) C D^(1/2), C well conditioned.
-    C = matrix_with_spectrum(torch.linspace(1, 3, 80, dtype=torch.float64), seed=8)
+    C = R.matrix_with_spectrum(torch.linspace(1, 3, 80, dtype=torch.float64), seed=8)
     d = torch.logspace(-3, 3, 80, dtype=torch.float64)[torch.randperm(80, generator=gen)]
     A = d.sqrt()[:, None] * C * d.sqrt()[None, :]
     b = rhs(80, seed=9)
@@ -194,7 +179,7 @@ def test_natural_gradient_in_parameter_shape(ill_conditioned_ggn):
 
 
 def test_scipy_linear_operator_input():
-    A = matrix_with_spectrum(torch.linspace(1, 4, 50, dtype=torch.float64), seed=13)
+    A = R.matrix_with_spectrum(torch.linspace(1, 4, 50, dtype=torch.float64), seed=13)
     b = rhs(50, seed=14)
     result = cg(aslinearoperator(A.numpy()), b, tol=1e-12)
     assert rel_err(result.x, numpy_solve(A, b)) <= 1e-11
@@ -231,14 +216,14 @@ def test_bad_input_is_refused(ill_conditioned_ggn):
     with pytest.raises(TypeError, match="flatten"):
         natural_gradient(A, [b], damping=0.1)
     # Iteration cap: not converged, and says so.
-    capped = cg(matrix_with_spectrum(torch.logspace(-3, 1, 60, dtype=torch.float64)),
+    capped = cg(R.matrix_with_spectrum(torch.logspace(-3, 1, 60, dtype=torch.float64)),
                 rhs(60), tol=1e-12, max_iters=5)
     assert not capped.converged and capped.iterations == 5
 
 
 @pytest.mark.gpu
 def test_cuda_solves_match_cpu():
-    A = matrix_with_spectrum(torch.logspace(-2, 1, 100, dtype=torch.float64), seed=15)
+    A = R.matrix_with_spectrum(torch.logspace(-2, 1, 100, dtype=torch.float64), seed=15)
     b = rhs(100, seed=16)
     Ac, bc = A.cuda(), b.cuda()
     lam, U = torch.linalg.eigh(Ac)

@@ -21,7 +21,6 @@ from torch import Tensor, nn
 TOL = 1e-10
 TOL_BATCHING = 1e-12
 
-single_torch_thread = R.single_torch_thread  # one torch thread for these tiny models
 
 
 def mc(p: R.Problem, seed: int = 0, samples: int = 1, data=None, **kwargs) -> FisherOperator:

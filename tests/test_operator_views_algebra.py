@@ -24,7 +24,6 @@ from torch import Tensor, nn
 
 TOL = 1e-10
 
-single_torch_thread = R.single_torch_thread  # one torch thread for these tiny models
 
 
 @functools.cache

@@ -47,7 +47,6 @@ PROBLEMS = {
     "bn_eval_mse": R.batchnorm_eval,
 }
 
-single_torch_thread = R.single_torch_thread  # one torch thread for these tiny models
 
 
 @functools.cache

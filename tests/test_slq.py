@@ -26,22 +26,6 @@ from scipy.sparse.linalg import aslinearoperator
 from scipy.stats import wasserstein_distance
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Small products run fastest on one thread (and do not fight other processes)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def known_spectrum_matrix(eigenvalues: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    n = eigenvalues.numel()
-    gen = torch.Generator().manual_seed(seed)
-    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
-    return (Q * eigenvalues) @ Q.T
-
-
 def two_bulk_spectrum(n: int = 200) -> torch.Tensor:
     """A bulk near zero, a second bulk, and a few outliers (like a network's GGN)."""
     gen = torch.Generator().manual_seed(7)
@@ -59,7 +43,7 @@ def w1_to_spectrum(rule, eigenvalues: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def two_bulk():
     lam = two_bulk_spectrum()
-    return known_spectrum_matrix(lam), lam.numpy()
+    return R.matrix_with_spectrum(lam), lam.numpy()
 
 
 @pytest.mark.parametrize("reorth", ["full", "none"])
@@ -127,7 +111,7 @@ def test_density_of_small_model_ggn_matches_dense_spectrum():
 
 def test_log_scale_density():
     lam = torch.logspace(-6, 2, 120, dtype=torch.float64)
-    A = known_spectrum_matrix(lam, seed=2)
+    A = R.matrix_with_spectrum(lam, seed=2)
     d = spectral_density(A, num_probes=6, lanczos_steps=60, log_scale=True, seed=4)
     assert d.scale == "log" and d.weight_below_floor == 0.0
     assert abs(d.integral() - 1.0) < 1e-6
@@ -145,7 +129,7 @@ def test_log_scale_density():
 def test_trace_function_and_logdet_within_three_standard_errors():
     gen = torch.Generator().manual_seed(11)
     lam = 0.1 + 9.9 * torch.rand(150, generator=gen, dtype=torch.float64)
-    A = known_spectrum_matrix(lam, seed=3)
+    A = R.matrix_with_spectrum(lam, seed=3)
     cases = [
         (log_determinant(A, num_probes=30, lanczos_steps=20, seed=0), torch.log(lam).sum()),
         (
@@ -168,7 +152,7 @@ def test_trace_function_and_logdet_within_three_standard_errors():
 
 def test_slq_trace_of_identity_function_is_exact_for_rademacher():
     # n * q^T A q = v^T A v for Rademacher v (|v|^2 = n): each sample is Hutchinson's.
-    A = known_spectrum_matrix(torch.linspace(1, 5, 50, dtype=torch.float64), seed=4)
+    A = R.matrix_with_spectrum(torch.linspace(1, 5, 50, dtype=torch.float64), seed=4)
     est = trace_function(A, lambda x: x, num_probes=4, lanczos_steps=10, seed=9)
     gen = torch.Generator().manual_seed(9)
     V = torch.randint(0, 2, (50, 4), generator=gen).double() * 2 - 1
@@ -176,7 +160,7 @@ def test_slq_trace_of_identity_function_is_exact_for_rademacher():
 
 
 def test_same_result_from_numpy_scipy_and_torch_inputs():
-    A = known_spectrum_matrix(torch.linspace(0, 3, 40, dtype=torch.float64), seed=6)
+    A = R.matrix_with_spectrum(torch.linspace(0, 3, 40, dtype=torch.float64), seed=6)
     ref = slq_quadrature(A, num_probes=2, lanczos_steps=10, seed=1)
     for other in (A.numpy(), aslinearoperator(A.numpy())):
         rule = slq_quadrature(other, num_probes=2, lanczos_steps=10, seed=1)
@@ -187,7 +171,7 @@ def test_same_result_from_numpy_scipy_and_torch_inputs():
 
 
 def test_float32_operator_runs_in_float32():
-    A = known_spectrum_matrix(torch.linspace(0.5, 3, 60, dtype=torch.float64), seed=8)
+    A = R.matrix_with_spectrum(torch.linspace(0.5, 3, 60, dtype=torch.float64), seed=8)
     rule32 = slq_quadrature(A.float(), num_probes=2, lanczos_steps=15, seed=0)
     rule64 = slq_quadrature(A, num_probes=2, lanczos_steps=15, seed=0)
     for x, y in zip(rule32.nodes, rule64.nodes):
@@ -228,7 +212,7 @@ def test_bad_input_is_refused():
 def test_cuda_matches_cpu():
     from curvops.solvers.trace import hutchinson_diagonal, hutchpp_trace
 
-    A = known_spectrum_matrix(two_bulk_spectrum(120), seed=1)
+    A = R.matrix_with_spectrum(two_bulk_spectrum(120), seed=1)
     Ac = A.cuda()
     cpu = slq_quadrature(A, num_probes=3, lanczos_steps=30, seed=2)
     gpu = slq_quadrature(Ac, num_probes=3, lanczos_steps=30, seed=2)  # same probes

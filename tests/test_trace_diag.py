@@ -21,21 +21,6 @@ from curvops.solvers.trace import (
 from scipy.sparse.linalg import aslinearoperator
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def spd_matrix(eigenvalues: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    n = eigenvalues.numel()
-    gen = torch.Generator().manual_seed(seed)
-    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
-    return (Q * eigenvalues) @ Q.T
-
-
 def low_rank_plus_noise(n: int = 300, rank: int = 10, seed: int = 1) -> torch.Tensor:
     """A few large eigenvalues on top of a small flat bulk: where Hutch++ shines."""
     gen = torch.Generator().manual_seed(seed)
@@ -43,13 +28,13 @@ def low_rank_plus_noise(n: int = 300, rank: int = 10, seed: int = 1) -> torch.Te
         100.0 * torch.linspace(1.0, 2.0, rank, dtype=torch.float64),
         0.05 * torch.rand(n - rank, generator=gen, dtype=torch.float64),
     ])
-    return spd_matrix(lam, seed)
+    return R.matrix_with_spectrum(lam, seed)
 
 
 @pytest.mark.parametrize("probe", ["rademacher", "gaussian"])
 def test_hutchinson_within_three_standard_errors(probe):
     gen = torch.Generator().manual_seed(3)
-    A = spd_matrix(torch.rand(120, generator=gen, dtype=torch.float64) * 4 - 1, seed=3)
+    A = R.matrix_with_spectrum(torch.rand(120, generator=gen, dtype=torch.float64) * 4 - 1, seed=3)
     exact = float(torch.trace(A))
     est = hutchinson_trace(A, num_probes=200, probe=probe, seed=5, block_size=64)
     assert est.standard_error < 0.1 * abs(exact)
@@ -73,7 +58,7 @@ def test_hutchinson_is_exact_on_a_diagonal_matrix_with_rademacher_probes():
 
 def test_hutchpp_within_three_standard_errors_and_exact_on_low_rank():
     gen = torch.Generator().manual_seed(4)
-    A = spd_matrix(torch.rand(150, generator=gen, dtype=torch.float64), seed=4)
+    A = R.matrix_with_spectrum(torch.rand(150, generator=gen, dtype=torch.float64), seed=4)
     exact = float(torch.trace(A))
     est = hutchpp_trace(A, matvecs=90, seed=2)
     assert est.matvecs == 90 and est.num_probes == 30
@@ -82,7 +67,7 @@ def test_hutchpp_within_three_standard_errors_and_exact_on_low_rank():
     # Rank <= k: Q spans the range, the deflated part vanishes, the estimate is exact.
     lam = torch.zeros(150, dtype=torch.float64)
     lam[:8] = torch.linspace(1, 8, 8, dtype=torch.float64)
-    L = spd_matrix(lam, seed=6)
+    L = R.matrix_with_spectrum(lam, seed=6)
     est = hutchpp_trace(L, matvecs=30, seed=0)
     assert est.value == pytest.approx(36.0, rel=1e-12)
     assert est.standard_error < 1e-10
@@ -104,7 +89,7 @@ def test_hutchpp_beats_hutchinson_at_equal_matvecs_on_low_rank_plus_noise():
 
 def test_hutchinson_diagonal_within_its_error_bars():
     gen = torch.Generator().manual_seed(8)
-    A = spd_matrix(torch.rand(80, generator=gen, dtype=torch.float64) * 3, seed=8)
+    A = R.matrix_with_spectrum(torch.rand(80, generator=gen, dtype=torch.float64) * 3, seed=8)
     est = hutchinson_diagonal(A, num_probes=400, seed=1, block_size=128)
     z = ((est.diagonal - torch.diag(A)) / est.standard_error).numpy()
     # z-scores of an unbiased estimator with a right standard error: ~ N(0, 1).
@@ -117,7 +102,7 @@ def test_hutchinson_diagonal_within_its_error_bars():
 
 def test_exact_diagonal_of_dense_scipy_and_ggn_operators():
     gen = torch.Generator().manual_seed(9)
-    A = spd_matrix(torch.rand(70, generator=gen, dtype=torch.float64), seed=9)
+    A = R.matrix_with_spectrum(torch.rand(70, generator=gen, dtype=torch.float64), seed=9)
     for other, chunk in ((A, 16), (A.numpy(), 64), (aslinearoperator(A.numpy()), 7)):
         diag = exact_diagonal(other, chunk_size=chunk)
         torch.testing.assert_close(diag.diagonal, torch.diag(A), rtol=1e-14, atol=1e-15)
