@@ -130,6 +130,7 @@ def cullum_willoughby(
     theta: np.ndarray | None = None,
     rel_tol: float | None = None,
     merge_rel_tol: float | None = None,
+    genuine: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     r"""Cullum–Willoughby identification test for Lanczos without reorthogonalization.
 
@@ -151,6 +152,15 @@ def cullum_willoughby(
     :math:`\varepsilon_A\|T\|` there would drop genuine values whose start-vector
     component is small).
 
+    The T-hat test alone cannot tell a spurious value from a genuine one whose eigenvector
+    of :math:`T_m` has a small first component (a weakly represented eigenvalue, or one
+    just emerging): :math:`|\theta_i - \hat\theta| \approx |s_{1i}|^2\|T\|`, so a
+    genuine value with :math:`|s_{1i}| \sim 10^{-4}` matches :math:`\hat T_m` to
+    :math:`10^{-8}\|T\|`. ``genuine`` marks values known to be good by another
+    argument: a Ritz value whose residual bound :math:`\beta_{m+1}|e_m^\top s_i|` has
+    converged is within that bound of an eigenvalue of :math:`A` (Paige), so it is never
+    dropped as spurious.
+
     Args:
         alpha: Diagonal of :math:`T_m`.
         beta: Off-diagonal of :math:`T_m`.
@@ -159,6 +169,8 @@ def cullum_willoughby(
             :math:`100\, m\, \varepsilon` (float64).
         merge_rel_tol: Tolerance for merging copies, relative to :math:`\|T_m\|`;
             default ``rel_tol``.
+        genuine: Optional boolean mask over ``theta``: values that must not be dropped
+            as spurious (e.g. those whose residual bound has converged).
 
     Returns:
         ``(values, representatives, n_spurious)``: the distinct good values (ascending),
@@ -188,7 +200,7 @@ def cullum_willoughby(
             near = [
                 abs(theta_hat[i] - theta[s]) for i in (pos - 1, pos) if 0 <= i < theta_hat.size
             ]
-            if near and min(near) <= tol:
+            if near and min(near) <= tol and not (genuine is not None and genuine[s]):
                 n_spurious += 1
                 continue
         values.append(theta[s:e].mean())
