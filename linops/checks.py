@@ -7,8 +7,8 @@ before and restored after.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -48,3 +48,38 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
+
+
+def check_repeatable(
+    model: nn.Module,
+    context: AbstractContextManager,
+    compute: Callable[[], Tensor],
+    what: str,
+) -> Tensor:
+    """Run ``compute`` twice without grad; refuse non-finite or differing results.
+
+    The model's buffers and the global RNG states are restored afterwards (also on error).
+
+    Args:
+        model: The model ``compute`` runs.
+        context: The context the products run under (e.g. an attention kernel).
+        compute: One no-grad pass over the same inputs.
+        what: Names the result in the NaN/Inf message (``"outputs"``, ``"loss"``).
+
+    Returns:
+        The first result.
+
+    Raises:
+        ValueError: For NaN/Inf, or results that differ (dropout left on).
+    """
+    with preserved_state(model), torch.no_grad(), context:
+        first, second = compute(), compute()
+    if not bool(torch.isfinite(first).all()):
+        raise ValueError(f"the model's {what} contain NaN or Inf")
+    if not torch.equal(first, second):
+        raise ValueError(
+            "the model's outputs differ between two identical passes (dropout or another "
+            "random layer left on? call model.eval()); the curvature would not be one fixed "
+            "matrix. Pass check_deterministic=False to skip this check"
+        )
+    return first

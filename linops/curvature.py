@@ -59,7 +59,7 @@ from .cache import (
 from .checks import (
     check_finite_parameters,
     check_no_train_mode_batchnorm,
-    preserved_state,
+    check_repeatable,
 )
 from .data import DataSource
 from .objective import Count, Objective, Rows, as_objective
@@ -286,22 +286,20 @@ class CurvatureOperator(LinearOperatorBase):
 
     def _check_deterministic(self) -> None:
         first, _ = next(iter(self.micro_batches()))
-        with preserved_state(self.model), torch.no_grad(), self.objective.product_context(
-            self.model
-        ):
-            r1 = self._rows(first)
-            r2 = self._rows(first)
+        rows: list[Rows] = []
+
+        def predictions() -> Tensor:
+            rows.append(self._rows(first))
+            return rows[-1].predictions
+
+        check_repeatable(
+            self.model, self.objective.product_context(self.model), predictions, "outputs"
+        )
+        r1 = rows[0]
+        with torch.no_grad():
             loss = self.objective.kind.row_losses(r1.predictions, r1.targets).sum()
-        if not bool(torch.isfinite(r1.predictions).all()):
-            raise ValueError("the model's outputs contain NaN or Inf")
         if not bool(torch.isfinite(loss)):
             raise ValueError("the loss is NaN or Inf")
-        if not torch.equal(r1.predictions, r2.predictions):
-            raise ValueError(
-                "the model's outputs differ between two identical passes (dropout or another "
-                "random layer left on? call model.eval()); the curvature would not be one fixed "
-                "matrix. Pass check_deterministic=False to skip this check"
-            )
 
     # --- products -------------------------------------------------------------------------
     def _matmat(self, V: Tensor) -> Tensor:

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .autodiff import batched_vjp
-from .checks import preserved_state
+from .checks import check_repeatable
 from .objective import Objective, TorchObjective, as_objective, call_with_inputs
 from .params import ParameterSpace, select_parameters
 
@@ -179,16 +179,12 @@ def check_deterministic_losses(
         ValueError: For NaN/Inf losses or losses that differ (dropout left on).
     """
     first = objective.split(batch, chunk_size)[0] if chunk_size else batch
-    with preserved_state(model), torch.no_grad(), objective.product_context(model):
-        l1 = example_losses(model, objective, _frozen_params(model), first)
-        l2 = example_losses(model, objective, _frozen_params(model), first)
-    if not bool(torch.isfinite(l1).all()):
-        raise ValueError("the loss is NaN or Inf")
-    if not torch.equal(l1, l2):
-        raise ValueError(
-            "the model's outputs differ between two identical passes (dropout or another random "
-            "layer left on? call model.eval()); pass check_deterministic=False to skip this check"
-        )
+    check_repeatable(
+        model,
+        objective.product_context(model),
+        lambda: example_losses(model, objective, _frozen_params(model), first),
+        "losses",
+    )
 
 
 # --- the three methods -------------------------------------------------------------------------
