@@ -26,6 +26,7 @@ loop in ``lanczos.py`` decides when to call them.
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ import torch
 __all__ = [
     "REORTH",
     "KrylovBasis",
+    "block_rows_for",
     "SelectiveCache",
     "cgs",
     "omega_update",
@@ -44,6 +46,58 @@ REORTH = ("full", "selective", "partial", "none")
 # Upcasting a low-precision basis for a product with a float32 vector is done this many
 # rows at a time, so the temporary costs at most this many float32 vectors.
 _CHUNK_ROWS = 32
+
+# Largest basis block on the CPU. glibc serves blocks above its mmap threshold (at most
+# 32 MiB) with fresh pages that fault on first touch: 19 rows of 269k floats in one
+# 64-row block cost 6.4 ms of page faults per run, ~1.7 matvecs of a small MLP GGN;
+# 8 MiB blocks are recycled from the heap (0.8 ms). CUDA's caching allocator has no such
+# cost, so one large block (a single product per pass) is kept there.
+_CPU_BLOCK_BYTES = 8 << 20
+_MAX_BLOCK_ROWS = 64
+
+
+class _BlockPool:
+    """CPU basis blocks of finished runs, kept (at most ``limit`` bytes) for the next run.
+
+    A fresh block's pages fault on first touch (~0.3 ms per MiB here, the kernel zeroing
+    them): for a run of 19 iterations at n = 269k that was 5 % of the wall time, 1.5
+    matvecs. Reusing the blocks of the previous run of the same size avoids it, the way
+    CUDA's caching allocator does on the GPU (where no pool is kept). Blocks larger than
+    the limit are never kept, so a large model's basis is always given back.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.blocks: list[torch.Tensor] = []
+        self.lock = threading.Lock()
+
+    def take(self, rows: int, n: int, dtype: torch.dtype) -> torch.Tensor | None:
+        with self.lock:
+            for i, blk in enumerate(self.blocks):
+                if blk.shape == (rows, n) and blk.dtype == dtype:
+                    return self.blocks.pop(i)
+        return None
+
+    def give(self, blocks: list[torch.Tensor]) -> None:
+        with self.lock:
+            held = sum(b.numel() * b.element_size() for b in self.blocks)
+            for blk in blocks:
+                size = blk.numel() * blk.element_size()
+                if held + size <= self.limit:
+                    self.blocks.append(blk)
+                    held += size
+
+
+_POOL = _BlockPool(limit=64 << 20)
+
+
+def block_rows_for(n: int, dtype: torch.dtype, device: torch.device, max_rows: int) -> int:
+    """Rows per basis block: up to ``max_rows`` (and 64); on the CPU at most ~8 MiB."""
+    rows = min(max_rows, _MAX_BLOCK_ROWS)
+    if torch.device(device).type == "cpu":
+        row_bytes = n * torch.empty(0, dtype=dtype).element_size()
+        rows = min(rows, max(1, _CPU_BLOCK_BYTES // row_bytes))
+    return max(1, rows)
 
 
 class KrylovBasis:
@@ -59,17 +113,28 @@ class KrylovBasis:
     def __init__(
         self, n: int, dtype: torch.dtype, device: torch.device, block_rows: int, ledger=None
     ) -> None:
-        self.n, self.dtype, self.device = n, dtype, device
+        self.n, self.dtype, self.device = n, dtype, torch.device(device)
         self.block_rows = max(1, block_rows)
         self.blocks: list[torch.Tensor] = []
         self.ledger = ledger
 
     def _ensure(self, j: int) -> None:
         while j >= len(self.blocks) * self.block_rows:
-            blk = torch.empty(self.block_rows, self.n, dtype=self.dtype, device=self.device)
+            blk = None
+            if self.device.type == "cpu":
+                blk = _POOL.take(self.block_rows, self.n, self.dtype)
+            if blk is None:
+                blk = torch.empty(self.block_rows, self.n, dtype=self.dtype, device=self.device)
             if self.ledger is not None:
                 self.ledger.alloc(blk)
             self.blocks.append(blk)
+
+    def release(self) -> None:
+        """Drop the blocks (CPU ones go to a small pool for the next run); no views of
+        them may be in use."""
+        if self.device.type == "cpu":
+            _POOL.give(self.blocks)
+        self.blocks = []
 
     def set(self, j: int, v: torch.Tensor) -> None:
         """Store ``v`` (cast to the basis dtype: the documented rounding) as row j."""
@@ -129,30 +194,38 @@ class KrylovBasis:
             start += c.shape[0]
         return out
 
-    def gather(self, idx: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-        lo, hi = (int(idx[0]), int(idx[-1])) if idx.size else (0, -1)
-        if (idx.size and hi - lo + 1 == idx.size and lo // self.block_rows == hi // self.block_rows
-                and dtype == self.dtype):
-            # A contiguous range inside one block (the usual offending range): a view.
-            return self.blocks[lo // self.block_rows][lo % self.block_rows : hi % self.block_rows
-                                                      + 1]
-        rows = [self.get(int(i), dtype, self.device) for i in idx]
-        return torch.stack(rows) if rows else torch.zeros(0, self.n, dtype=dtype,
-                                                          device=self.device)
+    def row(self, j: int) -> torch.Tensor:
+        """Row j itself (a view; allocated on demand), to be written in place."""
+        self._ensure(j)
+        return self.blocks[j // self.block_rows][j % self.block_rows]
+
+    def _runs(self, idx: np.ndarray):
+        """Views of the rows ``idx`` (ascending): one per run of consecutive rows in a block."""
+        r = self.block_rows
+        start = 0
+        for i in range(1, idx.size + 1):
+            if (i == idx.size or idx[i] != idx[i - 1] + 1
+                    or idx[i] // r != idx[start] // r):
+                lo, hi = int(idx[start]), int(idx[i - 1])
+                yield self.blocks[lo // r][lo % r : hi % r + 1]
+                start = i
 
     def gram(self, j: int, exact: bool = True) -> np.ndarray:
         """``V_j V_j^T``: in float64 by column chunks (no float64 copy of the basis) when
-        ``exact`` or the basis is bf16/fp16, else in the basis dtype with no copy."""
+        ``exact`` or the basis is bf16/fp16, else in the basis dtype with no copy (the
+        blocks on and above the diagonal only; symmetry gives the rest)."""
         views = self._views(j)
         if not exact and self.dtype in (torch.float32, torch.float64):
             G = torch.zeros(j, j, dtype=self.dtype, device=self.device)
+            r = self.block_rows
             for a, Va in enumerate(views):
-                for b, Vb in enumerate(views):
-                    G[a * self.block_rows : a * self.block_rows + Va.shape[0],
-                      b * self.block_rows : b * self.block_rows + Vb.shape[0]] = Va @ Vb.T
-            return G.double().cpu().numpy()
+                for b in range(a, len(views)):
+                    Vb = views[b]
+                    G[a * r : a * r + Va.shape[0], b * r : b * r + Vb.shape[0]] = Va @ Vb.T
+            G = G.double().cpu().numpy()
+            return np.triu(G) + np.triu(G, 1).T
         G = torch.zeros(j, j, dtype=torch.float64, device=self.device)
-        cols = 1 << 16
+        cols = 1 << 13  # a float64 chunk of j rows stays in cache for its product
         for c0 in range(0, self.n, cols):
             X = torch.cat([b[:, c0 : c0 + cols] for b in views]).to(torch.float64)
             G.addmm_(X, X.T)
@@ -180,7 +253,13 @@ class KrylovBasis:
         """One CGS pass of ``w`` against the rows ``idx`` (partial reorthogonalization)."""
         if idx.size == 0:
             return w
-        return cgs(self.gather(idx, w.dtype), w)[0]
+        # Classical: every coefficient from the same w, then one update per run of rows.
+        runs = list(self._runs(np.sort(idx)))
+        wv = w.to(self.device)
+        coeffs = [V.to(wv.dtype) @ wv for V in runs]
+        for V, h in zip(runs, coeffs):
+            w.addmv_(V.to(device=w.device, dtype=w.dtype).T, h.to(w.device), alpha=-1.0)
+        return w
 
 
 def cgs(V: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -289,15 +368,19 @@ class SelectiveCache:
     #: Residual (of a unit candidate against the cached span) below which it is cached.
     REPRESENTED = 0.1
 
-    def __init__(self, n: int, dtype: torch.dtype, device: torch.device, eps: float) -> None:
+    def __init__(
+        self, n: int, dtype: torch.dtype, device: torch.device, eps: float, ledger=None
+    ) -> None:
         self.sqrt_eps = math.sqrt(eps)
         self.values: list[float] = []
         self.coefficients: list[np.ndarray] = []
-        self.Y = torch.zeros(0, n, dtype=dtype, device=device)
+        # Stored like the Krylov basis (recycled blocks, no copy of the cache per addition).
+        self.Y = KrylovBasis(n, dtype, device, block_rows_for(n, dtype, device, 16), ledger)
+        self._count = 0
 
     @property
     def count(self) -> int:
-        return self.Y.shape[0]
+        return self._count
 
     def new_good(
         self, theta: np.ndarray, S: np.ndarray, bounds: np.ndarray, tnorm: float
@@ -325,19 +408,41 @@ class SelectiveCache:
         """Orthonormalize the rows of ``Y_new`` against the cache and append those with a
         residual above ``REPRESENTED`` (one host synchronisation, only when adding)."""
         self.coefficients.extend(np.array(S_new[:, i]) for i in range(S_new.shape[1]))
-        Y_new = Y_new.to(self.Y.dtype)
-        Y_new = Y_new / torch.linalg.vector_norm(Y_new, dim=1, keepdim=True)
-        for i in range(Y_new.shape[0]):
-            y = Y_new[i].clone()
-            for _ in range(2):  # twice is enough
-                y = cgs(self.Y, y)[0]
-            nrm = float(torch.linalg.vector_norm(y))
-            if nrm > self.REPRESENTED:
-                self.Y = torch.cat([self.Y, (y / nrm)[None]])
-                self.values.append(float(theta_new[i]))
+        Y_new = Y_new.to(self.Y.dtype)  # owned: combine_rows returns a fresh tensor
+        Y_new.div_(torch.linalg.vector_norm(Y_new, dim=1, keepdim=True))
+        # Against the cache: block classical Gram–Schmidt, twice.
+        for _ in range(2):
+            if self._count:
+                views = self.Y._views(self._count)
+                H = [blk @ Y_new.T for blk in views]  # (rows, p) per block
+                for blk, h in zip(views, H):
+                    Y_new.addmm_(h.T, blk, alpha=-1.0)
+        # Among themselves, in order, on their Gram matrix (one synchronisation): row i
+        # keeps its part orthogonal to the accepted earlier rows if that is > REPRESENTED.
+        K = (Y_new @ Y_new.T).double().cpu().numpy()
+        p = K.shape[0]
+        L = np.zeros((p, p))  # accepted rows = L @ Y_new (orthonormal by construction)
+        kept: list[int] = []
+        for i in range(p):
+            c = np.zeros(p)
+            c[i] = 1.0
+            for _ in range(2 if kept else 0):  # Gram–Schmidt on coefficients, twice
+                c = c - L[kept].T @ (L[kept] @ (K @ c))
+            nrm2 = float(c @ K @ c)
+            if nrm2 > self.REPRESENTED**2:
+                L[i] = c / math.sqrt(nrm2)
+                kept.append(i)
+        if not kept:
+            return
+        Lt = torch.as_tensor(L[kept], dtype=Y_new.dtype, device=Y_new.device)
+        Q = Lt @ Y_new
+        for r in range(Q.shape[0]):
+            self.Y.set(self._count, Q[r])
+            self._count += 1
+            self.values.append(float(theta_new[kept[r]]))
 
     def project(self, w: torch.Tensor) -> torch.Tensor:
         """Orthogonalize ``w`` against every good Ritz vector (one CGS pass; no sync)."""
-        if self.count == 0:
+        if self._count == 0:
             return w
-        return cgs(self.Y, w)[0]
+        return self.Y.cgs(w, self._count)[0]

@@ -231,6 +231,47 @@ def test_orthogonality_of_vectors_given_to_operator(reorth: str, bound: float) -
     assert res.orthogonality_loss == pytest.approx(loss, rel=0.5, abs=1e-15)
 
 
+@pytest.mark.parametrize("reorth", ["selective", "partial"])
+def test_local_orthogonality_kept_with_conditional_second_pass(reorth: str) -> None:
+    # The second local Gram-Schmidt pass runs only after cancellation (DGKS); consecutive
+    # vectors must still be orthogonal to working precision, not merely semi-orthogonal.
+    # A large shift makes every step cancel (beta << ||A v||): one pass leaves
+    # |v_{j+1}^T v_j| ~ eps ||A|| / beta (median 5e-12 measured without the second pass).
+    A = sym_from_spectrum(1e4 + np.random.default_rng(3).uniform(0, 1, 300), seed=4)
+    op = Counting(A, record=True)
+    lanczos(op, 5, config=LanczosConfig(reorth=reorth, tol=0, max_iters=90,
+                                        return_eigenvectors=False))
+    V = np.stack(op.seen)
+    adjacent = np.abs(np.sum(V[1:] * V[:-1], axis=1))
+    assert np.median(adjacent) < 1e-14
+    assert adjacent.max() < 1e-8  # steps right after a partial reorthogonalization
+
+
+def test_measure_orthogonality_off_skips_only_the_diagnostic() -> None:
+    A = _long_run_matrix()
+    on = lanczos(A, 5, config=LanczosConfig(reorth="partial", tol=1e-10, max_iters=90))
+    off = lanczos(A, 5, config=LanczosConfig(reorth="partial", tol=1e-10, max_iters=90,
+                                             measure_orthogonality=False))
+    assert np.isnan(off.orthogonality_loss) and on.orthogonality_loss < 1e-6
+    np.testing.assert_array_equal(on.eigenvalues, off.eigenvalues)
+    np.testing.assert_array_equal(on.eigenvectors.numpy(), off.eigenvectors.numpy())
+
+
+def test_repeated_runs_reuse_pooled_blocks_without_changing_results() -> None:
+    from curvops.solvers import _reorthogonalization as reo
+
+    A = torch.tensor(_long_run_matrix())
+    cfg = LanczosConfig(reorth="selective", tol=1e-10, max_iters=90)
+    first = lanczos(A, 5, config=cfg)
+    assert reo._POOL.blocks, "a finished CPU run gives its blocks to the pool"
+    held = sum(b.numel() * b.element_size() for b in reo._POOL.blocks)
+    assert held <= reo._POOL.limit
+    second = lanczos(A, 5, config=cfg)  # runs on recycled (dirty) blocks
+    np.testing.assert_array_equal(first.eigenvalues, second.eigenvalues)
+    np.testing.assert_array_equal(first.eigenvectors.numpy(), second.eigenvectors.numpy())
+    assert first.orthogonality_loss == second.orthogonality_loss
+
+
 def test_orthogonality_visibly_lost_without_reorthogonalization() -> None:
     A = _long_run_matrix()
     op = Counting(A, record=True)
