@@ -44,10 +44,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from ..linops.losses import LossKind
-from ..linops.objective import Count, Objective, Rows
+from ..linops.objective import Count, Objective, Rows, call_with_inputs
 
 __all__ = [
     "LanguageModelObjective",
@@ -319,7 +318,7 @@ class LanguageModelObjective(Objective):
         """Forward the batch; the rows are the kept target positions' logits."""
         y = self.targets(batch)
         n = int(batch["input_ids"].shape[0])
-        out = functional_call(model, params, args=(), kwargs=self.model_inputs(model, batch))
+        out = call_with_inputs(model, params, self.model_inputs(model, batch))
         logits = out["logits"] if isinstance(out, Mapping) else getattr(out, "logits", out)
         if isinstance(logits, (tuple, list)):
             logits = logits[0]

@@ -97,8 +97,23 @@ def _slice_inputs(x: Any, start: int, stop: int) -> Any:
     return x
 
 
+class OwnParameters(dict):
+    """A parameter dict that is exactly the model's own parameters (nothing substituted).
+
+    Objectives receive it like any parameter dict; :func:`call_with_inputs` then calls the
+    model directly instead of through ``functional_call``, whose module walk and parameter
+    swap cost ~45 us per forward of a 3-layer MLP, repeated on every product.
+    """
+
+
 def call_with_inputs(model: nn.Module, params: dict[str, Tensor], inputs: Any) -> Any:
     """``model(inputs)`` with ``params`` substituted (tensor, tuple of args, or dict of kwargs)."""
+    if isinstance(params, OwnParameters):
+        if isinstance(inputs, dict):
+            return model(**inputs)
+        if isinstance(inputs, (tuple, list)):
+            return model(*inputs)
+        return model(inputs)
     if isinstance(inputs, dict):
         return functional_call(model, params, args=(), kwargs=inputs)
     if isinstance(inputs, (tuple, list)):

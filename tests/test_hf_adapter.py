@@ -262,6 +262,22 @@ def test_bert_classifier_sdpa_equals_eager():
         assert rel(Op(sdpa, hf_objective(sdpa), b, micro_batch_size=3) @ v, a) < 1e-12
 
 
+@pytest.mark.parametrize("make", [gpt2, llama, bert_cls])
+def test_uncached_products_take_forward_mode_on_hf_models(make):
+    # A fresh single-vector GGN takes Jv by forward mode through the real HF forward
+    # (sdpa, masks, position ids); it must equal the double-vjp product to round-off.
+    model = make()
+    batch = lm_batch(seed=6, n=4)
+    if make is bert_cls:
+        batch = {**batch, "labels": torch.tensor([0, 2, 1, 1])}
+    fwd = GGNOperator(model, hf_objective(model), batch, cache="none")
+    rev = GGNOperator(model, hf_objective(model), batch, cache="none")
+    rev._forward_mode = False
+    v = torch.randn(fwd.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    assert rel(fwd @ v, rev @ v) < 1e-12
+    assert fwd._forward_mode is True
+
+
 def test_padding_and_micro_batching_change_nothing():
     model = gpt2()
     obj = hf_objective(model)
