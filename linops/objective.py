@@ -195,11 +195,19 @@ class TorchObjective(Objective):
             per_example = int(y[0].numel()) if n else 0
             F_ = out.movedim(1, -1).reshape(-1, C)
             Y = y.reshape(-1)
-            ex = torch.arange(n, device=out.device).repeat_interleave(per_example)
-            keep = Y != -100
-            if not bool(keep.all()):
+            ex = torch.arange(n, device=out.device)
+            if per_example != 1:
+                ex = ex.repeat_interleave(per_example)
+            if not Y.numel():
+                return Rows(F_, Y, ex, n)
+            # One synchronisation in the usual case (no -100, valid classes): every product
+            # runs this.
+            lo, hi = torch.stack(torch.aminmax(Y)).tolist()
+            if lo < 0:  # ignored positions (or invalid targets)
+                keep = Y != -100
                 F_, Y, ex = F_[keep], Y[keep], ex[keep]
-            if Y.numel() and (int(Y.min()) < 0 or int(Y.max()) >= C):
+                lo, hi = torch.stack(torch.aminmax(Y)).tolist() if Y.numel() else (0, 0)
+            if lo < 0 or hi >= C:
                 raise ValueError(f"class targets must lie in [0, {C}) or be -100")
             return Rows(F_, Y, ex, n)
         if out.shape != y.shape:

@@ -1,7 +1,8 @@
 r"""Benchmark: one curvature product divided by one gradient pass, interleaved in one process.
 
-Issues 2 and 3. For each model, every round times, in one rotation, a gradient pass
-(forward + backward on the batch) and one product of each contender on the same batch;
+Issues 2 and 3. For each model, every round times, in one rotation (shuffled anew each
+round, seeded), a gradient pass (forward + backward on the batch) and one product of each
+contender on the same batch;
 the table reports the median over rounds of ``time(product) / time(gradient pass)`` of
 the same round, so slow drifts of the machine cancel.
 
@@ -11,8 +12,10 @@ Contenders (float32):
   ``cache="auto"`` (the prepared per-micro-batch states reused: issue 3's numbers; the
   cache is built before timing starts, as by the first product of a Lanczos run);
 * the best fresh plain-torch products: Hessian by autograd double backward; GGN by the
-  double-vjp trick with one forward pass; empirical Fisher from ``torch.func.vmap``
-  per-example gradients, :math:`G^\top (G v)`;
+  double-vjp trick with one forward pass (the issue's baseline) and by forward mode
+  (``Jv`` from dual parameters, then one backward: what curvops' uncached single-vector
+  GGN/Fisher products do); empirical Fisher from ``torch.func.vmap`` per-example
+  gradients, :math:`G^\top (G v)`;
 * curvlinops (optional: ``pip install curvlinops-for-pytorch``; its rows are skipped
   with a message when it is missing).
 
@@ -38,6 +41,7 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -45,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from curvops.linops import (
     EmpiricalFisherOperator,
@@ -178,6 +183,14 @@ def plain_torch(model: nn.Module, batch: tuple[Tensor, Tensor]) -> dict[str, Cal
         terms = y.numel()
         return flat(torch.autograd.grad(out, params, _ce_hessian_matmul(out, Jv) / terms))
 
+    def ggn_forward_mode(v: Tensor) -> Tensor:
+        # Jv by forward mode (dual parameters), then one backward: no create_graph pass.
+        with fwAD.dual_level():
+            dual = {n: fwAD.make_dual(p, t) for n, p, t in zip(names, params, split(v))}
+            primal, Jv = fwAD.unpack_dual(torch.func.functional_call(model, dual, (X,)))
+        terms = y.numel()
+        return flat(torch.autograd.grad(primal, params, _ce_hessian_matmul(primal, Jv) / terms))
+
     def ef(v: Tensor) -> Tensor:
         def loss_one(p: dict[str, Tensor], x: Tensor, t: Tensor) -> Tensor:
             out = torch.func.functional_call(model, p, (x.unsqueeze(0),))
@@ -188,7 +201,8 @@ def plain_torch(model: nn.Module, batch: tuple[Tensor, Tensor]) -> dict[str, Cal
         G = torch.cat([grads[n].reshape(X.shape[0], -1) for n in names], dim=1)
         return G.T @ (G @ v) / y.numel()
 
-    return {"gradient": gradient, "hessian": hessian, "ggn": ggn, "ef": ef}
+    return {"gradient": gradient, "hessian": hessian, "ggn": ggn,
+            "ggn_forward_mode": ggn_forward_mode, "ef": ef}
 
 
 def curvlinops_ops(model: nn.Module, batch: tuple[Tensor, Tensor]) -> dict[str, Any] | None:
@@ -243,6 +257,9 @@ def bench_model(
 
     # Sanity: every contender computes the same product (float32 round-off).
     ref = {"hessian": plain["hessian"](v), "ggn": plain["ggn"](v), "ef": plain["ef"](v)}
+    err = float((plain["ggn_forward_mode"](v) - ref["ggn"]).norm() / ref["ggn"].norm())
+    if err > 1e-3:
+        raise RuntimeError(f"{name}: plain forward-mode GGN differs by {err:.2e}")
     for key, op in ops.items():
         kind = key.split("/")[0]
         if kind in ref:
@@ -258,7 +275,7 @@ def bench_model(
             cl_errors[kind] = float((cl[kind] @ v - ref[kind]).norm() / ref[kind].norm())
 
     contenders: dict[str, Callable[[], Any]] = {"gradient": plain["gradient"]}
-    for kind in ("hessian", "ggn", "ef"):
+    for kind in ("hessian", "ggn", "ggn_forward_mode", "ef"):
         contenders[f"plain_torch/{kind}"] = lambda f=plain[kind]: f(v)
     for key, op in ops.items():
         contenders[f"curvops/{key}"] = lambda op=op: op @ v
@@ -272,9 +289,14 @@ def bench_model(
     for fn in contenders.values():  # warm-up
         fn()
     times: dict[str, list[float]] = {k: [] for k in contenders}
+    order = list(contenders)
+    shuffle = random.Random(seed)
     for _ in range(rounds):
-        for key, fn in contenders.items():
-            times[key].append(_timed(fn))
+        # A new order every round: a contender that runs after a memory-hungry one starts
+        # with cold caches, and a fixed order turned that into a bias of up to 40 %.
+        shuffle.shuffle(order)
+        for key in order:
+            times[key].append(_timed(contenders[key]))
     grad = times["gradient"]
     ratios = {
         k: statistics.median(t / g for t, g in zip(ts, grad))
