@@ -155,20 +155,21 @@ def parameter_fingerprint(model: nn.Module) -> tuple[Any, ...]:
     each floating tensor (float32 at least) catches in-place edits through ``.data``
     (which have their own version counter).
     """
-    meta = []
-    wide: list[Tensor] = []
-    narrow: list[Tensor] = []
-    for name, t in _named_state(model):
-        meta.append((name, id(t), t.data_ptr(), tuple(t.shape), t.dtype, t._version))
+    state = _named_state(model)
+    meta = tuple((name, id(t), t.data_ptr(), t.shape, t.dtype, t._version) for name, t in state)
+    groups: dict[torch.dtype, list[Tensor]] = {}
+    for _, t in state:
         if t.is_floating_point() and t.numel():
-            (wide if t.dtype in (torch.float32, torch.float64) else narrow).append(t.detach())
-    # One fused pass for fp32/fp64 tensors; bf16/fp16 norms in float32, so a small update
-    # is not lost to rounding of the norm itself.
-    norms = list(torch._foreach_norm(wide)) if wide else []
-    norms += [torch.linalg.vector_norm(t, dtype=torch.float32) for t in narrow]
-    # One device->host transfer for all the checksums.
-    sums = tuple(torch.stack([n.double() for n in norms]).cpu().tolist()) if norms else ()
-    return (tuple(meta), sums)
+            groups.setdefault(t.dtype, []).append(t)
+    sums: list[float] = []
+    with torch.no_grad():  # no graph for the checksums (it ran on every cached product)
+        for dtype, tensors in groups.items():
+            if dtype in (torch.float32, torch.float64):
+                norms = torch._foreach_norm(tensors)  # one fused pass
+            else:  # bf16/fp16 in float32, so a small update is not lost to rounding
+                norms = [torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors]
+            sums += torch.stack(list(norms)).tolist()  # one transfer per dtype
+    return (meta, tuple(sums))
 
 
 @dataclass

@@ -155,9 +155,9 @@ class ParameterSpace:
             raise ValueError(
                 f"expected a vector of length {self.size} or an (m, {self.size}) batch"
             )
-        lead = vector.shape[:-1]
+        lead = tuple(vector.shape[:-1])
         blocks = torch.split(vector, self.numels, dim=-1)
-        return [
-            b.reshape(*lead, *s).to(d) if cast else b.reshape(*lead, *s)
-            for b, s, d in zip(blocks, self.shapes, self.dtypes, strict=True)
-        ]
+        out = [b.reshape(lead + tuple(s)) for b, s in zip(blocks, self.shapes, strict=True)]
+        if cast:
+            out = [b if b.dtype == d else b.to(d) for b, d in zip(out, self.dtypes, strict=True)]
+        return out

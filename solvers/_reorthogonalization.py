@@ -104,10 +104,10 @@ class KrylovBasis:
     """The stored Lanczos vectors, as rows of fixed-size blocks allocated on demand.
 
     Blocks (rather than one (max_iters, n) tensor) keep memory proportional to the
-    iterations actually run; with ``max_iters`` up to ``block_rows`` it is one
-    preallocated tensor and every product below is a single matrix-vector product.
-    Products with a vector ``w`` run in ``w``'s (working) dtype: a bf16/fp16 basis is
-    upcast ``_CHUNK_ROWS`` rows at a time, never as a whole.
+    iterations actually run; each product below is one matrix-vector product per block
+    (see :func:`block_rows_for` for the block size, and :class:`_BlockPool` for the reuse
+    of CPU blocks across runs). Products with a vector ``w`` run in ``w``'s (working)
+    dtype: a bf16/fp16 basis is upcast ``_CHUNK_ROWS`` rows at a time, never as a whole.
     """
 
     def __init__(
