@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -404,6 +404,21 @@ def _bf16_basis_applies(ctx: CheckContext) -> str | None:
     return _lanczos_applies(ctx)
 
 
+def _uncached_applies(ctx: CheckContext) -> str | None:
+    if ctx.problem is None or not ctx.operator_name:
+        return "needs the model and data (not only an operator)"
+    return _lanczos_applies(ctx)
+
+
+def _run_uncached(ctx: CheckContext) -> MethodOutcome:
+    # The same matrix through the other product path: every product fresh (forward-mode Jv
+    # for GGN/Fisher, a new first-order graph for the Hessian), against the cached products
+    # every other row uses.
+    fresh = ctx.problem.operator(ctx.operator_name, cache="none")
+    out = _lanczos_runner("partial")(replace(ctx, operator=fresh))
+    return replace(out, note=f"{out.note}; products uncached (cache='none')")
+
+
 def _gram_applies(ctx: CheckContext) -> str | None:
     if ctx.operator_name != "ef":
         return "the Gram trick computes the empirical Fisher only"
@@ -489,6 +504,9 @@ for _runner in [
                  dict(_EXACT), _lanczos_applies, _lanczos_runner("partial")),
     MethodRunner("lanczos-none", "in-house Lanczos, no basis + Cullum–Willoughby filter",
                  dict(_EXACT), _lanczos_applies, _lanczos_runner("none")),
+    MethodRunner("lanczos-uncached", "in-house Lanczos (partial) on the operator rebuilt "
+                 "with cache='none' (forward-mode Jv for GGN/Fisher)", dict(_EXACT),
+                 _uncached_applies, _run_uncached),
     MethodRunner("lanczos-bf16-basis", "full reorthogonalization, bf16 Krylov basis, "
                  "Rayleigh–Ritz recovery", {"float64": 1e-5, "float32": 1e-4},
                  _bf16_basis_applies, _lanczos_runner("full", dtype_compute=torch.bfloat16)),
@@ -510,7 +528,7 @@ BROKEN_METHOD = MethodRunner(
 
 DEFAULT_METHODS = (
     "dense", "eigsh", "lobpcg", "lanczos-full", "lanczos-selective", "lanczos-partial",
-    "lanczos-none", "lanczos-bf16-basis", "gram", "cupy-eigsh",
+    "lanczos-none", "lanczos-uncached", "lanczos-bf16-basis", "gram", "cupy-eigsh",
 )
 
 

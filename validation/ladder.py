@@ -95,8 +95,8 @@ def _torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-_FP64_METHODS = ("dense", "eigsh", "lobpcg", *_ALL_LANCZOS, "lanczos-bf16-basis", "gram",
-                 "cupy-eigsh", BROKEN_METHOD)
+_FP64_METHODS = ("dense", "eigsh", "lobpcg", *_ALL_LANCZOS, "lanczos-uncached",
+                 "lanczos-bf16-basis", "gram", "cupy-eigsh", BROKEN_METHOD)
 
 QUICK_LADDER: tuple[Rung, ...] = (
     Rung("fp64-dense", "tiny float64 models; the dense matrix is the reference",
@@ -112,7 +112,8 @@ FULL_LADDER: tuple[Rung, ...] = (
          ("hessian", "ggn", "ef", "fisher_mc"), _FP64_METHODS, threads=1),
     Rung("fp32-eigsh", "small float32 models; scipy eigsh is the reference",
          torch.float32, ("llama-tiny", "gpt2-small"), ("hessian", "ggn", "ef"),
-         ("eigsh", "lobpcg", *_ALL_LANCZOS, "lanczos-bf16-basis", "gram", "cupy-eigsh"),
+         ("eigsh", "lobpcg", *_ALL_LANCZOS, "lanczos-uncached", "lanczos-bf16-basis", "gram",
+          "cupy-eigsh"),
          context={"lanczos_tol": 1e-8}, threads=1),
     Rung("bf16-vs-fp32", "bfloat16 models; the fp32 run of the same weights is the reference",
          torch.bfloat16, ("mlp", "gpt2-tiny"), ("hessian", "ggn", "ef"),
