@@ -1,8 +1,9 @@
 """Uncached single-vector sandwich products take Jv by forward mode (dual parameters).
 
 They must equal the dense references and the double-vjp products to round-off, fall back
-to double-vjp for good where an op has no forward-mode formula, and respect parameter
-selection (unselected parameters carry no tangent).
+to double-vjp for good where forward mode fails and double-vjp does not (an op without a
+forward-mode formula, a non-reentrant activation checkpoint), raise the error where both
+fail, and respect parameter selection (unselected parameters carry no tangent).
 """
 
 from __future__ import annotations
@@ -108,6 +109,31 @@ def test_falls_back_to_double_vjp_where_forward_mode_is_missing():
     assert op._forward_mode is False
 
 
+class _CheckpointedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(5, 8)
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        hidden = torch.utils.checkpoint.checkpoint(
+            lambda t: torch.tanh(self.fc1(t)), x, use_reentrant=False)
+        return self.fc2(hidden)
+
+
+def test_falls_back_on_a_non_reentrant_activation_checkpoint():
+    # Forward mode fails there only in the backward (the recomputation saves other
+    # tensors); the product must still come out right, by double-vjp.
+    p = problem("mlp_ce_mean")
+    model = _CheckpointedNet().double()
+    model.load_state_dict({"fc1.weight": p.model[0].weight, "fc1.bias": p.model[0].bias,
+                           "fc2.weight": p.model[2].weight, "fc2.bias": p.model[2].bias})
+    op = GGNOperator(model, p.spec.module(), p.batches, cache="none")
+    for v in columns(op.shape[0], 2, seed=8):
+        assert R.relative_error(op @ v, reference("mlp_ce_mean", "ggn") @ v) <= TOL
+    assert op._forward_mode is False
+
+
 def test_other_errors_are_not_swallowed():
     p = R.mlp_ce("mean")  # its own copy: the model is modified below
     op = GGNOperator(p.model, p.spec.module(), p.batches, cache="none")
@@ -115,7 +141,7 @@ def test_other_errors_are_not_swallowed():
         p.model[0].weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         op @ columns(op.shape[0], 1, seed=5)[0]
-    assert op._forward_mode is None  # not mistaken for a missing forward-mode formula
+    assert op._forward_mode is None  # double-vjp failed too: forward mode is not blamed
 
 
 class _EmbeddingNet(nn.Module):
