@@ -318,9 +318,16 @@ class CurvatureOperator(LinearOperatorBase):
         acc: Tensor | None = None
 
         def accumulate(contrib: Tensor) -> None:
+            # contrib is a fresh tensor from _apply: safe to add into. A single micro-batch's
+            # product is returned as it is (a float32 copy of a bf16 7B product is 25 GiB);
+            # several are summed in float32 for bf16/fp16 operators.
             nonlocal acc
-            contrib = contrib.to(acc_dtype)  # a fresh tensor from _apply: safe to add into
-            acc = contrib if acc is None else acc.add_(contrib)
+            if acc is None:
+                acc = contrib
+                return
+            if acc.dtype != acc_dtype:
+                acc = acc.to(acc_dtype)
+            acc.add_(contrib)
 
         cache = self._cache
         with self.objective.product_context(self.model):
