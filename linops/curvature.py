@@ -39,7 +39,6 @@ edits through ``.data``) is detected and the cache rebuilt: products are never s
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -59,6 +58,7 @@ from .cache import (
     state_bytes,
 )
 from .checks import (
+    all_finite,
     check_finite_parameters,
     check_no_train_mode_batchnorm,
     check_repeatable,
@@ -262,9 +262,9 @@ class CurvatureOperator(LinearOperatorBase):
         rows = self.objective.rows(
             self.model, self._param_dict() if params is None else params, batch
         )
-        if not _all_finite(rows.predictions.detach()):
+        if not all_finite(rows.predictions.detach()):
             raise ValueError("the model's outputs contain NaN or Inf (in some batch of the data)")
-        if rows.targets.is_floating_point() and not _all_finite(rows.targets):
+        if rows.targets.is_floating_point() and not all_finite(rows.targets):
             raise ValueError("the targets contain NaN or Inf (in some batch of the data)")
         return rows
 
@@ -570,15 +570,6 @@ class _JacobianSandwich(CurvatureOperator):
         out = self.space.flatten(batched_vjp([primal], self.params, [MJV]))
         self._forward_mode = True
         return out
-
-
-def _all_finite(x: Tensor) -> bool:
-    """Whether ``x`` has no NaN/Inf: one reduction (a NaN or Inf makes the sum one), and
-    the exact test only when the sum overflows on finite values."""
-    if x.numel() == 0 or math.isfinite(float(x.sum(dtype=torch.float64 if x.dtype
-                                                    == torch.float64 else torch.float32))):
-        return True
-    return bool(torch.isfinite(x).all())
 
 
 def _embedding_conventions(model: nn.Module) -> tuple[dict[str, int], bool]:
