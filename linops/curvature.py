@@ -557,9 +557,11 @@ class _JacobianSandwich(CurvatureOperator):
                 t = tangents[name]
                 tangents[name] = t.index_fill(0, torch.tensor(row, device=t.device), 0.0)
         with fwAD.dual_level(), torch.enable_grad():
+            # The selected parameters carry their tangents; the others are detached as in
+            # every product (a plain dict: the model is called through functional_call).
             params = {
-                name: fwAD.make_dual(p, tangents[name]) if name in tangents else p.detach()
-                for name, p in self.model.named_parameters()
+                name: fwAD.make_dual(p, tangents[name]) if name in tangents else p
+                for name, p in self._param_dict().items()
             }
             rows = self._rows(batch, params)
             primal, JV = fwAD.unpack_dual(rows.predictions)

@@ -36,7 +36,6 @@ __all__ = [
     "KrylovBasis",
     "block_rows_for",
     "SelectiveCache",
-    "cgs",
     "omega_update",
     "offending_range",
 ]
@@ -262,19 +261,6 @@ class KrylovBasis:
         for V, h in zip(runs, coeffs):
             w.addmv_(V.to(device=w.device, dtype=w.dtype).T, h.to(w.device), alpha=-1.0)
         return w
-
-
-def cgs(V: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""One classical Gram–Schmidt pass against the rows of ``V``, in place on ``w`` (owned).
-
-    Returns:
-        ``(w_new, h)``; ``h`` stays on the device (no host synchronisation).
-    """
-    if V.shape[0] == 0:
-        return w, w.new_zeros(0)
-    Vw = V.to(device=w.device, dtype=w.dtype)
-    h = Vw @ w
-    return w.addmv_(Vw.T, h, alpha=-1.0), h
 
 
 def omega_update(

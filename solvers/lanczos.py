@@ -31,6 +31,7 @@ from ._reorthogonalization import (
     KrylovBasis,
     SelectiveCache,
     block_rows_for,
+    offending_range,
     omega_update,
 )
 from ._tridiagonal import (
@@ -558,6 +559,10 @@ class _Run:
     #: first one cancelled, ||w|| < KAPPA ||A v_j|| (else it is orthogonal to ~eps already).
     KAPPA = 1.0 / math.sqrt(2.0)
 
+    def _breaks_down(self, beta_next: float, anorm: float) -> bool:
+        """Whether ``beta_next`` is rounding noise of ``||A||`` (an invariant subspace)."""
+        return beta_next <= self.bd_factor * max(anorm, np.finfo(float).tiny)
+
     def _cancelled(self, alpha_j: float, beta_j: float, beta_next: float) -> bool:
         # ||A v_j||^2 = alpha_j^2 + beta_j^2 + beta_{j+1}^2 up to the basis's orthogonality.
         return beta_next**2 < self.KAPPA**2 * (alpha_j**2 + beta_j**2 + beta_next**2)
@@ -653,7 +658,7 @@ class _Run:
                     omega_next[force_idx] = eps1
                     force_idx = np.zeros(0, dtype=np.int64)
                 if beta_next > 0 and np.max(np.abs(omega_next[:-1]), initial=0.0) > delta:
-                    idx = np.flatnonzero(np.abs(omega_next[:-1]) > eta)
+                    idx = offending_range(omega_next, eta)
                     w = basis.project_rows(idx, w)
                     self.reorths += 1
                     beta_next = float(torch.linalg.vector_norm(w))
@@ -661,7 +666,7 @@ class _Run:
                     force_idx = idx  # Simon: the next vector is reorthogonalized too
                 omega_prev, omega_cur = omega_cur, omega_next
 
-            breakdown = beta_next <= self.bd_factor * max(anorm, np.finfo(float).tiny)
+            breakdown = self._breaks_down(beta_next, anorm)
             if breakdown:
                 self.breakdowns += 1
                 beta_next = 0.0
@@ -694,7 +699,7 @@ class _Run:
                     cache.add(theta[new], S[:, new], Y)
                     w = cache.project(w)
                     beta_next = float(torch.linalg.vector_norm(w))
-                    if beta_next <= self.bd_factor * anorm:
+                    if self._breaks_down(beta_next, anorm):
                         breakdown = True
                         self.breakdowns += 1
                         beta_next = 0.0
@@ -935,7 +940,7 @@ class _Run:
             alpha.append(alpha_j)
             anorm = max(anorm, unorm_f, abs(alpha_j))
             m = j + 1
-            breakdown = beta_next <= self.bd_factor * max(anorm, np.finfo(float).tiny)
+            breakdown = self._breaks_down(beta_next, anorm)
             if breakdown:
                 self.breakdowns += 1
                 beta_next = 0.0

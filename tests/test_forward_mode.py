@@ -68,6 +68,13 @@ def test_forward_mode_with_micro_batches():
         assert R.relative_error(op @ v, reference("seq_ce", "ggn") @ v) <= TOL
 
 
+def _with_mlp_weights(model: nn.Module, p: R.Problem) -> nn.Module:
+    """``model`` (fc1 -> tanh -> fc2) with the weights of ``p``'s 5-8-3 MLP: same matrix."""
+    model.load_state_dict({"fc1.weight": p.model[0].weight, "fc1.bias": p.model[0].bias,
+                           "fc2.weight": p.model[2].weight, "fc2.bias": p.model[2].bias})
+    return model
+
+
 class _TanhWithoutJvp(torch.autograd.Function):
     """tanh with a backward but no forward-mode formula."""
 
@@ -95,9 +102,7 @@ class _NoJvpNet(nn.Module):
 
 def test_falls_back_to_double_vjp_where_forward_mode_is_missing():
     p = problem("mlp_ce_mean")
-    model = _NoJvpNet().double()
-    model.load_state_dict({"fc1.weight": p.model[0].weight, "fc1.bias": p.model[0].bias,
-                           "fc2.weight": p.model[2].weight, "fc2.bias": p.model[2].bias})
+    model = _with_mlp_weights(_NoJvpNet().double(), p)
     op = GGNOperator(model, p.spec.module(), p.batches, cache="none")
     with pytest.raises(RuntimeError, match="(?i)jvp|forward"):  # torch really refuses it
         import torch.autograd.forward_ad as fwAD
@@ -125,9 +130,7 @@ def test_falls_back_on_a_non_reentrant_activation_checkpoint():
     # Forward mode fails there only in the backward (the recomputation saves other
     # tensors); the product must still come out right, by double-vjp.
     p = problem("mlp_ce_mean")
-    model = _CheckpointedNet().double()
-    model.load_state_dict({"fc1.weight": p.model[0].weight, "fc1.bias": p.model[0].bias,
-                           "fc2.weight": p.model[2].weight, "fc2.bias": p.model[2].bias})
+    model = _with_mlp_weights(_CheckpointedNet().double(), p)
     op = GGNOperator(model, p.spec.module(), p.batches, cache="none")
     for v in columns(op.shape[0], 2, seed=8):
         assert R.relative_error(op @ v, reference("mlp_ce_mean", "ggn") @ v) <= TOL
