@@ -306,7 +306,7 @@ class CurvatureOperator(LinearOperatorBase):
         )
         r1 = rows[0]
         with torch.no_grad():
-            loss = self.objective.kind.row_losses(r1.predictions, r1.targets).sum()
+            loss = self.objective.kind.total_loss(r1.predictions, r1.targets)
         if not bool(torch.isfinite(loss)):
             raise ValueError("the loss is NaN or Inf")
 
@@ -457,7 +457,7 @@ class HessianOperator(CurvatureOperator):
     def _prepare(self, batch: Any, offset: int, *, for_cache: bool) -> _PreparedState:
         with torch.enable_grad():
             rows = self._rows(batch)
-            loss = self.objective.kind.row_losses(rows.predictions, rows.targets).sum()
+            loss = self.objective.kind.total_loss(rows.predictions, rows.targets)
             grads = torch.autograd.grad(
                 loss * self.normalizer, self.params, create_graph=True, allow_unused=True
             )
