@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -46,6 +47,9 @@ class ScaledOperator(LinearOperatorBase):
     def _matmat(self, V: Tensor) -> Tensor:
         return self.scalar * self.op._matmat(V)
 
+    def parameters_fixed(self) -> contextlib.AbstractContextManager:
+        return self.op.parameters_fixed()
+
     def __mul__(self, scalar: object) -> LinearOperatorBase:
         if isinstance(scalar, (int, float)) and not isinstance(scalar, bool):
             return ScaledOperator(self.op, self.scalar * float(scalar))
@@ -77,6 +81,13 @@ class SumOperator(LinearOperatorBase):
         self.ops = flat
         self.shape, self.dtype, self.device = first.shape, first.dtype, first.device
         self.is_psd = all(op.is_psd for op in flat)
+
+    def parameters_fixed(self) -> contextlib.AbstractContextManager:
+        stack = contextlib.ExitStack()
+        with stack:  # exits what was entered if a later entry fails
+            for op in self.ops:
+                stack.enter_context(op.parameters_fixed())
+            return stack.pop_all()
 
     def _matmat(self, V: Tensor) -> Tensor:
         out = self.ops[0]._matmat(V)

@@ -7,6 +7,7 @@ scipy/cupy views, sums, scalings and damping) is shared.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 from typing import Any
 
@@ -51,6 +52,15 @@ class LinearOperatorBase:
             )
         if X.device != self.device:
             raise ValueError(f"operator lives on {self.device} but the input is on {X.device}")
+
+    def parameters_fixed(self) -> contextlib.AbstractContextManager:
+        """A block in which the model's parameters are promised not to change.
+
+        Operators with a product cache skip their per-product check for updated
+        parameters inside it (see :meth:`CurvatureOperator.parameters_fixed`); for the
+        others it does nothing. The solvers enter it for their whole run.
+        """
+        return contextlib.nullcontext()
 
     def matvec(self, v: Tensor) -> Tensor:
         """``A v`` for a vector of shape ``(n,)``."""

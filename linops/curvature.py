@@ -39,6 +39,7 @@ edits through ``.data``) is detected and the cache rebuilt: products are never s
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -178,6 +179,7 @@ class CurvatureOperator(LinearOperatorBase):
             default_cache_budget(self.device) if cache_budget_bytes is None else cache_budget_bytes
         )
         self._cache = ProductCache(cache, budget)
+        self._held_fingerprint: tuple[Any, ...] | None = None
 
     # --- cache ----------------------------------------------------------------------------
     @property
@@ -216,6 +218,35 @@ class CurvatureOperator(LinearOperatorBase):
     def clear_cache(self) -> None:
         """Free the cached states; the next product rebuilds them (``cache="auto"``)."""
         self._cache.clear()
+
+    @contextlib.contextmanager
+    def parameters_fixed(self) -> Iterator[None]:
+        """A block in which the model's parameters are promised not to change.
+
+        A cached product first checks that the parameters are still those the cache was
+        built from (:func:`~curvops.linops.cache.parameter_fingerprint`: a pass over all
+        parameters, ~4 % of a cached MLP product). Inside this block the check runs once on
+        entry and once on exit instead of on every product. A change found on exit
+        raises: the products computed inside may then come from two different matrices.
+        ``lanczos``, ``cg`` and ``minres`` enter it for their run; nested blocks are free.
+
+        Raises:
+            RuntimeError: On leaving the block, if the parameters changed inside it.
+        """
+        if self._held_fingerprint is not None or self._cache.mode == "none":
+            yield  # nested, or no cache that would check
+            return
+        held = parameter_fingerprint(self.model)
+        self._held_fingerprint = held
+        try:
+            yield
+        finally:
+            self._held_fingerprint = None
+        if parameter_fingerprint(self.model) != held:
+            raise RuntimeError(
+                "the model's parameters changed inside parameters_fixed(): products computed "
+                "in the block may come from two different matrices; recompute after the change"
+            )
 
     # --- helpers --------------------------------------------------------------------------
     @property
@@ -332,7 +363,11 @@ class CurvatureOperator(LinearOperatorBase):
         cache = self._cache
         with self.objective.product_context(self.model):
             wants_cache = cache.mode == "auto" and not cache.too_large
-            fingerprint = parameter_fingerprint(self.model) if wants_cache else None
+            fingerprint = None
+            if wants_cache:
+                fingerprint = self._held_fingerprint
+                if fingerprint is None:
+                    fingerprint = parameter_fingerprint(self.model)
             if fingerprint is not None and cache.serving(fingerprint):
                 for state in cache.states:
                     accumulate(self._apply(state, Vt, blocks, keep=True))

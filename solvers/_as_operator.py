@@ -14,13 +14,18 @@ and back), because numpy code cannot take torch tensors.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
-__all__ = ["TorchOperator", "as_operator"]
+__all__ = ["TorchOperator", "as_operator", "with_parameters_fixed"]
+
+R = TypeVar("R")
 
 _NUMPY_TO_TORCH = {
     np.dtype(np.float32): torch.float32,
@@ -41,6 +46,7 @@ class TorchOperator:
         kind: What was wrapped (for messages): "torch", "numpy", "scipy", "torch-operator".
         apply_block: ``apply_block(V) -> A @ V`` for an ``(n, m)`` block in one call, or
             None (then :meth:`matmat` loops over columns).
+        hold: The wrapped operator's ``parameters_fixed`` (curvops operators), or None.
     """
 
     n: int
@@ -49,9 +55,14 @@ class TorchOperator:
     apply: Callable[[torch.Tensor], torch.Tensor]
     kind: str
     apply_block: Callable[[torch.Tensor], torch.Tensor] | None = None
+    hold: Callable[[], AbstractContextManager] | None = None
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         return self.apply(v)
+
+    def parameters_fixed(self) -> AbstractContextManager:
+        """The wrapped operator's ``parameters_fixed()`` block (nothing for other kinds)."""
+        return nullcontext() if self.hold is None else self.hold()
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         """:math:`AV` for an ``(n, m)`` block: one batched product when the operator has one.
@@ -97,6 +108,23 @@ def _numpy_product(product: Callable, np_dtype: np.dtype) -> Callable:
         return torch.from_numpy(np.ascontiguousarray(out.reshape(v.shape)))
 
     return apply
+
+
+def with_parameters_fixed(solver: Callable[..., R]) -> Callable[..., R]:
+    """Run ``solver(A, ...)`` on :func:`as_operator` of ``A`` inside its ``parameters_fixed()``.
+
+    A solver's products all come from one matrix: the cached-product check for updated
+    parameters then runs once per run instead of once per product (see
+    ``CurvatureOperator.parameters_fixed``).
+    """
+
+    @functools.wraps(solver)
+    def run(A: object, *args: Any, **kwargs: Any) -> R:
+        op = as_operator(A)
+        with op.parameters_fixed():
+            return solver(op, *args, **kwargs)
+
+    return run
 
 
 def as_operator(A: object) -> TorchOperator:
@@ -159,7 +187,9 @@ def as_operator(A: object) -> TorchOperator:
     if isinstance(dtype, torch.dtype):
         # curvops operators and torch-native look-alikes: torch vectors in and out.
         device = torch.device(getattr(A, "device", "cpu"))
-        return TorchOperator(n, dtype, device, A.matvec, "torch-operator", own_matmat)
+        hold = getattr(A, "parameters_fixed", None)
+        return TorchOperator(n, dtype, device, A.matvec, "torch-operator", own_matmat,
+                             hold if callable(hold) else None)
     # scipy LinearOperator and generic numpy-style objects.
     np_dtype = np.dtype(np.float64) if dtype is None else np.dtype(dtype)
     if np_dtype not in _NUMPY_TO_TORCH:

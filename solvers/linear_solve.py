@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._as_operator import TorchOperator, as_operator
+from ._as_operator import TorchOperator, as_operator, with_parameters_fixed
 
 __all__ = [
     "DiagonalPreconditioner",
@@ -285,6 +285,7 @@ def _initial(op: TorchOperator, x0: Tensor | None, b: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------
 
 
+@with_parameters_fixed
 def cg(
     A: object,
     b: Tensor,
@@ -379,6 +380,7 @@ def cg(
 # --------------------------------------------------------------------------------------
 
 
+@with_parameters_fixed
 def minres(
     A: object,
     b: Tensor,

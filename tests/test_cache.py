@@ -481,3 +481,84 @@ def test_shuffling_loader_is_accepted_and_cached(problem):
     torch.testing.assert_close(op @ v, refs["ggn"] @ v, **TOL)
     torch.testing.assert_close(op @ v, refs["ggn"] @ v, **TOL)
     assert op.cache_active and op.cache_info["micro_batches"] == 3
+
+
+# --- parameters_fixed: one fingerprint per solver run ------------------------------------------
+def _counting_fingerprint(monkeypatch) -> list[int]:
+    import curvops.linops.curvature as curvature
+
+    calls = [0]
+
+    def counted(model):
+        calls[0] += 1
+        return parameter_fingerprint(model)
+
+    monkeypatch.setattr(curvature, "parameter_fingerprint", counted)
+    return calls
+
+
+@pytest.mark.parametrize("kind", list(OPERATORS))
+def test_parameters_fixed_checks_once_and_gives_the_same_products(kind, monkeypatch):
+    model = ln_mlp(seed=3)
+    X, y = ce_data(seed=5)
+    cls, kw = OPERATORS[kind]
+    op = cls(model, nn.CrossEntropyLoss(), [(X[:6], y[:6]), (X[6:], y[6:])], **kw)
+    V = torch.randn(op.shape[0], 3, generator=torch.Generator().manual_seed(1), dtype=DT)
+    outside = [op @ V[:, i] for i in range(3)]
+    calls = _counting_fingerprint(monkeypatch)
+    with op.parameters_fixed():
+        inside = [op @ V[:, i] for i in range(3)]
+        with op.parameters_fixed():  # nested: free
+            inside.append(op @ V[:, 0])
+    assert calls[0] == 2  # entry and exit, none per product
+    for a, b in zip(inside, [*outside, outside[0]], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    op @ V[:, 0]
+    assert calls[0] == 3  # outside the block every product checks again
+
+
+def test_parameters_fixed_rebuilds_a_stale_cache_on_entry_and_refuses_a_change_inside():
+    model = ln_mlp(seed=3)
+    X, y = ce_data(seed=5)
+    op = GGNOperator(model, nn.CrossEntropyLoss(), (X, y))
+    v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(2), dtype=DT)
+    op @ v
+    with torch.no_grad():
+        model[0].weight.data.mul_(1.5)  # before the block: the cache is stale
+    with op.parameters_fixed():
+        inside = op @ v
+    torch.testing.assert_close(inside, GGNOperator(model, nn.CrossEntropyLoss(), (X, y)) @ v,
+                               **TOL)
+    assert op.cache_info["builds"] == 2
+    with pytest.raises(RuntimeError, match="changed inside parameters_fixed"):
+        with op.parameters_fixed():
+            op @ v
+            model[0].weight.data.mul_(2.0)
+    # the block is left even when it raised: products check (and rebuild) again
+    torch.testing.assert_close(op @ v, GGNOperator(model, nn.CrossEntropyLoss(), (X, y)) @ v,
+                               **TOL)
+    # an error inside the block is the one that propagates
+    with pytest.raises(KeyError):
+        with op.parameters_fixed():
+            raise KeyError("mine")
+
+
+def test_solvers_and_composite_operators_hold_the_parameters(monkeypatch):
+    from curvops.solvers import cg, minres
+
+    model = ln_mlp(seed=3)
+    X, y = ce_data(seed=5)
+    loss = nn.CrossEntropyLoss()
+    op = GGNOperator(model, loss, (X, y))
+    H = HessianOperator(model, loss, (X, y))
+    b = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(3), dtype=DT)
+    calls = _counting_fingerprint(monkeypatch)
+    res = cg(op, b, damping=0.1, tol=1e-10)
+    assert res.matvecs > 3 and calls[0] == 2
+    calls[0] = 0
+    res = minres(H.damped(0.5) + 0.5 * op, b, tol=1e-10, max_iters=30)
+    assert res.matvecs > 3 and calls[0] == 4  # two curvature operators: entry and exit each
+    with (op + H).parameters_fixed(), pytest.raises(RuntimeError):
+        # a failure inside the composite's block leaves every operator's block
+        raise RuntimeError("inside")
+    assert op._held_fingerprint is None and H._held_fingerprint is None
