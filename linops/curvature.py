@@ -16,7 +16,9 @@ With the total loss :math:`L(\theta) = c \sum_n \ell_n(\theta)` (see
 Each product is one pass over the data, accumulated over (micro-)batches, so the
 operator does not depend on how the data is split. Jacobian-vector products use
 the double-vjp trick (reverse mode only), which also works where forward-mode AD
-does not.
+does not; an uncached single-vector GGN/Fisher product takes :math:`Jv` by forward mode
+instead (one forward pass with dual parameters) and falls back to double-vjp where
+forward mode fails.
 
 Every micro-batch's product is split into a *prepare* step (the forward pass and the
 first-order graph, independent of the vector) and an *apply* step (the backward
