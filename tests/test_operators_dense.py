@@ -465,3 +465,42 @@ def test_mixed_dtype_parameters(kind):
     names = R.selected_names(m64, None)
     dense = R.dense_reference(kind, m64, names, R.LossSpec("ce", "mean"), [(x.double(), y)])
     assert R.relative_error(out.double(), dense @ V.double()) <= BF16_TOL
+
+
+@pytest.mark.parametrize("name", ["cross_entropy", "mse", "bce"])
+def test_total_loss_matches_torch_to_second_order(name):
+    # The Hessian's loss (kind.total_loss) has a hand-written cross-entropy gradient whose
+    # derivative is the closed-form output Hessian: value, gradient and Hessian products
+    # must equal torch's own loss in float64.
+    import torch.nn.functional as F
+    from curvops.linops.losses import LossKind
+
+    g = torch.Generator().manual_seed(7)
+    F_ = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    if name == "cross_entropy":
+        Y = torch.randint(0, 4, (6,), generator=g)
+        ref_fn = lambda x: F.cross_entropy(x, Y, reduction="sum")  # noqa: E731
+    elif name == "mse":
+        Y = torch.randn(6, 4, generator=g, dtype=torch.float64)
+        ref_fn = lambda x: ((x - Y) ** 2).sum()  # noqa: E731
+    else:
+        Y = torch.rand(6, 4, generator=g, dtype=torch.float64)
+        ref_fn = lambda x: F.binary_cross_entropy_with_logits(x, Y, reduction="sum")  # noqa: E731
+    kind = LossKind(name)
+    U = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    out = {}
+    for label, fn in (("ours", lambda x: kind.total_loss(x, Y)), ("torch", ref_fn)):
+        loss = fn(F_) * 0.3
+        (grad,) = torch.autograd.grad(loss, F_, create_graph=True)
+        (hu,) = torch.autograd.grad(grad, F_, U)
+        out[label] = (loss.detach(), grad.detach(), hu)
+    for a, b in zip(out["ours"], out["torch"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-14)
+    # and the closed form of the cross-entropy output Hessian, row by row
+    if name == "cross_entropy":
+        torch.testing.assert_close(out["ours"][2], 0.3 * kind.hessian_matmul(F_, U),
+                                   rtol=1e-13, atol=1e-14)
+    # a first-order gradient without create_graph works as usual
+    (plain,) = torch.autograd.grad(kind.total_loss(F_, Y), F_)
+    torch.testing.assert_close(plain, torch.autograd.grad(ref_fn(F_), F_)[0], rtol=1e-13,
+                               atol=1e-14)
