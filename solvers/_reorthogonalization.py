@@ -43,8 +43,11 @@ __all__ = [
 REORTH = ("full", "selective", "partial", "none")
 
 # Upcasting a low-precision basis for a product with a float32 vector is done this many
-# rows at a time, so the temporary costs at most this many float32 vectors.
+# rows at a time, and never more than _UPCAST_BYTES of upcast values at once: at
+# n = 1.5e9, 32 float32 rows would be a 192 GB temporary, so rows longer than the bound
+# are cut into column slices (of every row chunk). Both are read at call time (patchable).
 _CHUNK_ROWS = 32
+_UPCAST_BYTES = 256 << 20
 
 # Largest basis block on the CPU. glibc serves blocks above its mmap threshold (at most
 # 32 MiB) with fresh pages that fault on first touch: 19 rows of 269k floats in one
@@ -106,7 +109,8 @@ class KrylovBasis:
     iterations actually run; each product below is one matrix-vector product per block
     (see :func:`block_rows_for` for the block size, and :class:`_BlockPool` for the reuse
     of CPU blocks across runs). Products with a vector ``w`` run in ``w``'s (working)
-    dtype: a bf16/fp16 basis is upcast ``_CHUNK_ROWS`` rows at a time, never as a whole.
+    dtype: a bf16/fp16 basis is upcast ``_CHUNK_ROWS`` rows (and at most ``_UPCAST_BYTES``)
+    at a time, never as a whole.
     """
 
     def __init__(
@@ -155,20 +159,44 @@ class KrylovBasis:
         return out
 
     def _chunks(self, j: int, dtype: torch.dtype):
+        """Rows 0..j-1 in ``dtype``, as ``(row_start, cols, tensor)``: ``tensor`` holds rows
+        ``row_start .. row_start + len(tensor) - 1``, columns ``cols`` (a slice).
+
+        A block already in ``dtype`` is yielded whole (a view, no copy). A bf16/fp16 block
+        is upcast at most ``_CHUNK_ROWS`` rows and ``_UPCAST_BYTES`` bytes at a time: when
+        that many full rows exceed the bound, each row chunk is cut into column slices.
+        """
+        full = slice(0, self.n)
+        elem = torch.empty(0, dtype=dtype).element_size()
+        start = 0
         for blk in self._views(j):
             if blk.dtype == dtype:
-                yield blk
+                yield start, full, blk
             else:
-                for i in range(0, blk.shape[0], _CHUNK_ROWS):
-                    yield blk[i : i + _CHUNK_ROWS].to(dtype)
+                rows = max(1, min(_CHUNK_ROWS, blk.shape[0]))
+                cols = min(self.n, max(1, _UPCAST_BYTES // (rows * elem)))
+                for i in range(0, blk.shape[0], rows):
+                    if cols == self.n:
+                        yield start + i, full, blk[i : i + rows].to(dtype)
+                        continue
+                    for c0 in range(0, self.n, cols):
+                        sl = slice(c0, min(self.n, c0 + cols))
+                        yield start + i, sl, blk[i : i + rows, sl].to(dtype)
+            start += blk.shape[0]
 
     def coeffs(self, w: torch.Tensor, j: int) -> torch.Tensor:
         """``V_j w`` (length j, on ``w``'s device, no host sync)."""
         if j == 0:
             return w.new_zeros(0)
         wv = w.to(self.device)
-        parts = [c @ wv for c in self._chunks(j, wv.dtype)]
-        h = parts[0] if len(parts) == 1 else torch.cat(parts)
+        parts = []  # one entry per row chunk: column slices are summed into it
+        for r0, cols, c in self._chunks(j, wv.dtype):
+            part = c @ wv[cols]
+            if parts and parts[-1][0] == r0:
+                parts[-1][1].add_(part)
+            else:
+                parts.append((r0, part))
+        h = parts[0][1] if len(parts) == 1 else torch.cat([p for _, p in parts])
         return h.to(w.device)
 
     def subtract(self, h: torch.Tensor, j: int, w: torch.Tensor) -> None:
@@ -176,10 +204,8 @@ class KrylovBasis:
         hv = h.to(device=self.device, dtype=w.dtype)
         same = w.device == self.device
         acc = w if same else torch.zeros(self.n, dtype=w.dtype, device=self.device)
-        start = 0
-        for c in self._chunks(j, w.dtype):
-            acc.addmv_(c.T, hv[start : start + c.shape[0]], alpha=-1.0)
-            start += c.shape[0]
+        for r0, cols, c in self._chunks(j, w.dtype):
+            acc[cols].addmv_(c.T, hv[r0 : r0 + c.shape[0]], alpha=-1.0)
         if not same:
             w.add_(acc.to(w.device))
 
@@ -187,10 +213,8 @@ class KrylovBasis:
         """``S^T V_j`` for a (j, p) float64 matrix ``S``: p vectors (rows), ``dtype``."""
         St = torch.as_tensor(np.ascontiguousarray(S.T), dtype=dtype, device=self.device)
         out = torch.zeros(St.shape[0], self.n, dtype=dtype, device=self.device)
-        start = 0
-        for c in self._chunks(j, dtype):
-            out.addmm_(St[:, start : start + c.shape[0]], c)
-            start += c.shape[0]
+        for r0, cols, c in self._chunks(j, dtype):
+            out[:, cols].addmm_(St[:, r0 : r0 + c.shape[0]], c)
         return out
 
     def row(self, j: int) -> torch.Tensor:

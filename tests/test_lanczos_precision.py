@@ -250,3 +250,31 @@ def test_matmat_is_one_batched_product_for_every_kind() -> None:
     torch.testing.assert_close(as_operator(NoMatmat()).matmat(V), expected)
     with pytest.raises(ValueError, match="block"):
         as_operator(A).matmat(V[:5])
+
+
+# ------------------------------------------------------------------ bf16 basis upcast bound
+@pytest.mark.parametrize("upcast_bytes", [256 << 20, 4 * 3 * 7, 1])
+def test_bf16_basis_products_are_exact_under_any_upcast_bound(monkeypatch, upcast_bytes: int):
+    """A bf16 basis upcast in column slices (the bound a 1.5e9-parameter basis needs) gives
+    the same coefficients, subtraction and combination as the whole basis upcast at once."""
+    from curvops.solvers import _reorthogonalization as ro
+
+    monkeypatch.setattr(ro, "_CHUNK_ROWS", 3)
+    monkeypatch.setattr(ro, "_UPCAST_BYTES", upcast_bytes)
+    gen = torch.Generator().manual_seed(3)
+    n, j = 50, 11
+    basis = ro.KrylovBasis(n, torch.bfloat16, torch.device("cpu"), block_rows=4)
+    for i in range(j):
+        basis.set(i, torch.randn(n, generator=gen))
+    V = torch.stack([basis.get(i, torch.float64, torch.device("cpu")) for i in range(j)])
+    w = torch.randn(n, dtype=torch.float64, generator=gen)
+
+    torch.testing.assert_close(basis.coeffs(w, j), V @ w, rtol=1e-13, atol=1e-13)
+    h = torch.randn(j, dtype=torch.float64, generator=gen)
+    w2 = w.clone()
+    basis.subtract(h, j, w2)
+    torch.testing.assert_close(w2, w - V.T @ h, rtol=1e-13, atol=1e-13)
+    S = np.random.default_rng(4).standard_normal((j, 2))
+    torch.testing.assert_close(
+        basis.combine_rows(S, j, torch.float64), torch.as_tensor(S.T) @ V, rtol=1e-13, atol=1e-13
+    )
