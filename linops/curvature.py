@@ -150,6 +150,7 @@ class CurvatureOperator(LinearOperatorBase):
         names, tensors = select_parameters(model, params)
         self.params = tensors
         self.space = ParameterSpace.from_parameters(names, tensors)
+        self._selects_all = {n for n, _ in model.named_parameters()} == set(names)
         n = self.space.size
         self.shape = (n, n)
         self.dtype = self.space.dtype
@@ -264,8 +265,16 @@ class CurvatureOperator(LinearOperatorBase):
         """A flat vector → per-parameter tensors (each in its parameter's dtype)."""
         return self.space.unflatten(vector)
 
-    def _param_dict(self) -> dict[str, Tensor]:
-        """Selected parameters as they are; the others detached (no graph is built for them)."""
+    def _param_dict(self, *, listed: bool = True) -> dict[str, Tensor]:
+        """Selected parameters as they are; the others detached (no graph is built for them).
+
+        Args:
+            listed: Whether the caller reads the entries; if not and every parameter is
+                selected, an empty :class:`OwnParameters` says "the model as it is"
+                without a walk over the modules on every product.
+        """
+        if not listed and self._selects_all:
+            return OwnParameters()
         selected = set(self.space.names)
         named = list(self.model.named_parameters())
         if all(name in selected for name, _ in named):
@@ -293,7 +302,7 @@ class CurvatureOperator(LinearOperatorBase):
         """The micro-batch's rows (with ``params`` substituted, default the model's own);
         refuses NaN/Inf in predictions or targets."""
         rows = self.objective.rows(
-            self.model, self._param_dict() if params is None else params, batch
+            self.model, self._param_dict(listed=False) if params is None else params, batch
         )
         if not all_finite(rows.predictions.detach()):
             raise ValueError("the model's outputs contain NaN or Inf (in some batch of the data)")

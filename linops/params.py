@@ -9,6 +9,7 @@ cast to its parameter's dtype on the way into a product and back on the way out.
 from __future__ import annotations
 
 import fnmatch
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -115,12 +116,12 @@ class ParameterSpace:
         widest = max(dtypes, key=lambda d: _DTYPE_WIDTH[d])
         return cls(tuple(names), tuple(p.shape for p in params), dtypes, widest, devices.pop())
 
-    @property
+    @functools.cached_property
     def numels(self) -> tuple[int, ...]:
         """Number of entries of each parameter."""
         return tuple(int(torch.Size(s).numel()) for s in self.shapes)
 
-    @property
+    @functools.cached_property
     def size(self) -> int:
         """Dimension n of the flat space."""
         return sum(self.numels)

@@ -25,7 +25,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from ._as_operator import TorchOperator, as_operator
+from ._as_operator import TorchOperator, as_operator, with_parameters_fixed
 from ._reorthogonalization import (
     REORTH,
     KrylovBasis,
@@ -389,6 +389,7 @@ def _rayleigh_ritz(
         return theta, S, used, f"Rayleigh–Ritz needed jitter {used:.3g} on V^T V"
 
 
+@with_parameters_fixed
 def lanczos(
     A: object,
     k: int | None = None,
@@ -1061,6 +1062,7 @@ def _column_dots(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     return (X.to(torch.float64) * Y.to(torch.float64)).sum(dim=0)
 
 
+@with_parameters_fixed
 def lanczos_coefficients(
     A: object, start: torch.Tensor, steps: int, *, reorth: str = "full"
 ) -> LanczosCoefficients:

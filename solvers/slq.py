@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._as_operator import as_operator
+from ._as_operator import as_operator, with_parameters_fixed
 from ._tridiagonal import tridiag_eigh
 from .lanczos import lanczos_coefficients
 from .trace import (
@@ -155,6 +155,7 @@ class SpectralDensity:
         return float(np.trapezoid(self.density, x))
 
 
+@with_parameters_fixed
 def slq_quadrature(
     A: object,
     *,

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._as_operator import as_operator
+from ._as_operator import as_operator, with_parameters_fixed
 
 __all__ = [
     "DiagonalEstimate",
@@ -166,6 +166,7 @@ def _probe_blocks(num: int, block_size: int | None) -> list[tuple[int, int]]:
 # --------------------------------------------------------------------------------------
 
 
+@with_parameters_fixed
 def hutchinson_trace(
     A: object,
     *,
@@ -199,6 +200,7 @@ def hutchinson_trace(
     return TraceEstimate(value, se, num_probes, num_probes, s, "hutchinson")
 
 
+@with_parameters_fixed
 def hutchpp_trace(
     A: object,
     *,
@@ -250,6 +252,7 @@ def hutchpp_trace(
 # --------------------------------------------------------------------------------------
 
 
+@with_parameters_fixed
 def hutchinson_diagonal(
     A: object,
     *,
@@ -290,6 +293,7 @@ def hutchinson_diagonal(
     return DiagonalEstimate(mean, (var / num_probes).sqrt(), num_probes, num_probes, "hutchinson")
 
 
+@with_parameters_fixed
 def exact_diagonal(A: object, *, chunk_size: int = 64) -> DiagonalEstimate:
     """The exact diagonal :math:`A_{ii} = e_i^\\top A e_i`, from ``n`` unit-vector products.
 

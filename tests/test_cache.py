@@ -558,6 +558,29 @@ def test_solvers_and_composite_operators_hold_the_parameters(monkeypatch):
     calls[0] = 0
     res = minres(H.damped(0.5) + 0.5 * op, b, tol=1e-10, max_iters=30)
     assert res.matvecs > 3 and calls[0] == 4  # two curvature operators: entry and exit each
+    from curvops.solvers import (
+        LanczosConfig,
+        exact_diagonal,
+        hutchinson_diagonal,
+        hutchinson_trace,
+        hutchpp_trace,
+        lanczos,
+        slq_quadrature,
+    )
+
+    runs = {
+        "lanczos": lambda: lanczos(op, 3, config=LanczosConfig(reorth="partial", tol=1e-8)),
+        "lanczos-none": lambda: lanczos(op, 3, config=LanczosConfig(reorth="none", tol=1e-8)),
+        "slq": lambda: slq_quadrature(op, num_probes=2, lanczos_steps=6),
+        "hutchinson": lambda: hutchinson_trace(op, num_probes=4, block_size=1),
+        "hutch++": lambda: hutchpp_trace(op, matvecs=6),
+        "diagonal": lambda: hutchinson_diagonal(op, num_probes=4, block_size=1),
+        "exact-diagonal": lambda: exact_diagonal(op, chunk_size=op.shape[0] // 3),
+    }
+    for name, run in runs.items():
+        calls[0] = 0
+        run()
+        assert calls[0] == 2, name  # entry and exit of the run, none per product
     with (op + H).parameters_fixed(), pytest.raises(RuntimeError):
         # a failure inside the composite's block leaves every operator's block
         raise RuntimeError("inside")

@@ -467,13 +467,21 @@ def test_mixed_dtype_parameters(kind):
     assert R.relative_error(out.double(), dense @ V.double()) <= BF16_TOL
 
 
-@pytest.mark.parametrize("name", ["cross_entropy", "mse", "bce"])
-def test_total_loss_matches_torch_to_second_order(name):
+@pytest.mark.parametrize(
+    "name, closed_form_min",
+    [("cross_entropy", 0), ("cross_entropy", 10**9), ("mse", None), ("bce", None)],
+)
+def test_total_loss_matches_torch_to_second_order(name, closed_form_min, monkeypatch):
     # The Hessian's loss (kind.total_loss) has a hand-written cross-entropy gradient whose
-    # derivative is the closed-form output Hessian: value, gradient and Hessian products
-    # must equal torch's own loss in float64.
+    # derivative is the closed-form output Hessian (used from a size on: both sides of the
+    # threshold are tested): value, gradient and Hessian products must equal torch's own
+    # loss in float64.
     import torch.nn.functional as F
+    from curvops.linops import losses
     from curvops.linops.losses import LossKind
+
+    if closed_form_min is not None:
+        monkeypatch.setattr(losses, "CLOSED_FORM_CE_MIN_LOGITS", closed_form_min)
 
     g = torch.Generator().manual_seed(7)
     F_ = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
@@ -491,6 +499,9 @@ def test_total_loss_matches_torch_to_second_order(name):
     out = {}
     for label, fn in (("ours", lambda x: kind.total_loss(x, Y)), ("torch", ref_fn)):
         loss = fn(F_) * 0.3
+        if label == "ours" and name == "cross_entropy":
+            closed = type(loss.grad_fn.next_functions[0][0]).__name__ == "_CrossEntropySumBackward"
+            assert closed == (closed_form_min == 0)
         (grad,) = torch.autograd.grad(loss, F_, create_graph=True)
         (hu,) = torch.autograd.grad(grad, F_, U)
         out[label] = (loss.detach(), grad.detach(), hu)
