@@ -43,7 +43,7 @@ def batched_vjp(
     if not pairs:
         return [torch.zeros(m, *x.shape, dtype=x.dtype, device=x.device) for x in inputs]
     outs = [o for o, _ in pairs]
-    ws = [w.to(o.dtype) for o, w in pairs]
+    ws = [w if w.dtype == o.dtype else w.to(o.dtype) for o, w in pairs]
 
     def one(cots: Sequence[Tensor], batched: bool, retain: bool) -> list[Tensor]:
         grads = torch.autograd.grad(

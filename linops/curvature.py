@@ -513,7 +513,7 @@ class HessianOperator(CurvatureOperator):
         self, state: _PreparedState, Vt: Tensor, blocks: list[Tensor], *, keep: bool
     ) -> Tensor:
         assert isinstance(state, _GradientState)
-        return self.space.flatten(
+        return self.space.flatten_batched(
             batched_vjp(state.gradients, self.params, blocks, retain_graph=keep)
         )
 
@@ -551,7 +551,7 @@ class _JacobianSandwich(CurvatureOperator):
         assert isinstance(state, _SandwichState)
         (JV,) = batched_vjp(state.vjp, [state.dummy], blocks, retain_graph=keep)
         MJV = self._middle_matmul(state.middle, JV) * self.normalizer
-        return self.space.flatten(
+        return self.space.flatten_batched(
             batched_vjp([state.outputs], self.params, [MJV], retain_graph=keep)
         )
 
@@ -615,7 +615,7 @@ class _JacobianSandwich(CurvatureOperator):
         if JV is None:  # the outputs do not depend on the selected parameters
             JV = torch.zeros_like(primal)
         MJV = self._middle_matmul(self._middle(rows, offset), JV.unsqueeze(0)) * self.normalizer
-        out = self.space.flatten(batched_vjp([primal], self.params, [MJV]))
+        out = self.space.flatten_batched(batched_vjp([primal], self.params, [MJV]))
         self._forward_mode = True
         return out
 
@@ -791,6 +791,6 @@ class EmpiricalFisherOperator(CurvatureOperator):
             return (Vt @ G.T) @ G * self.normalizer
         assert isinstance(state, _SandwichState)
         (JV,) = batched_vjp(state.vjp, [state.dummy], blocks, retain_graph=keep)
-        return self.space.flatten(
+        return self.space.flatten_batched(
             batched_vjp([state.outputs], self.params, [JV * self.normalizer], retain_graph=keep)
         )

@@ -12,6 +12,7 @@ micro-batches. :class:`TorchObjective` serves plain modules with a torch loss;
 from __future__ import annotations
 
 import contextlib
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -193,7 +194,7 @@ class TorchObjective(Objective):
                     f"{tuple(out.shape)} and {tuple(y.shape)}"
                 )
             C = out.shape[1]
-            per_example = int(y[0].numel()) if n else 0
+            per_example = math.prod(y.shape[1:]) if n else 0  # no tensor op: every product
             # (N, C) outputs are used as they are: a no-op reshape still adds a view to the
             # graph, which costs ~3 % of an MLP Hessian product (differentiated twice).
             F_ = out if out.dim() == 2 else out.movedim(1, -1).reshape(-1, C)

@@ -145,6 +145,23 @@ class ParameterSpace:
             parts.append(t.reshape(t.shape[0], -1) if batched else t.reshape(-1))
         return torch.cat([p.to(self.dtype) for p in parts], dim=-1)
 
+    def flatten_batched(self, tensors: Sequence[Tensor]) -> Tensor:
+        """:meth:`flatten` of ``(m, *shape_i)`` blocks that a product made itself.
+
+        No shape checks and no cast of a block already in ``self.dtype``: every product
+        ends here, and on a small model the checks of :meth:`flatten` cost as much as a
+        layer's backward.
+        """
+        dtype = self.dtype
+        return torch.cat(
+            [
+                t.reshape(t.shape[0], -1) if t.dtype == dtype
+                else t.reshape(t.shape[0], -1).to(dtype)
+                for t in tensors
+            ],
+            dim=-1,
+        )
+
     def unflatten(self, vector: Tensor, *, cast: bool = True) -> list[Tensor]:
         """Split a flat vector (or an ``(m, n)`` batch of them) into per-parameter tensors.
 
