@@ -65,8 +65,11 @@ def batched_vjp(
         res = one([w[0] for w in ws], False, retain_graph)
         return [r.unsqueeze(0) for r in res]
     try:
-        return one(ws, True, retain_graph)
+        # The graph is kept through the batched attempt: an op without a batching rule
+        # fails it midway, after the first nodes' saved tensors would have been freed, and
+        # the loop below needs them. (Dropping the outputs frees the graph all the same.)
+        return one(ws, True, True)
     except RuntimeError:
         # Some ops have no vmap rule for their backward: a loop gives the same numbers.
-        cols = [one([w[i] for w in ws], False, True) for i in range(m)]
+        cols = [one([w[i] for w in ws], False, retain_graph or i < m - 1) for i in range(m)]
         return [torch.stack(c) for c in zip(*cols, strict=True)]

@@ -144,6 +144,24 @@ def test_operator_equals_dense_reference(name, kind):
     assert R.relative_error(identity_product(op), reference(name, ref_kind)) <= TOL
 
 
+@pytest.mark.parametrize("cache", ["auto", "none"])
+@pytest.mark.parametrize("name", ["mlp_ce_mean", "mlp_ce_sum", "layernorm_ce", "seq_ce"])
+def test_hessian_with_the_closed_form_cross_entropy(name, cache, monkeypatch):
+    """Language-model heads (>= 65k logits) take the closed-form cross-entropy Hessian:
+    forced here on the small problems, matvec and batched matmat, cached and fresh."""
+    from curvops.linops import losses
+
+    monkeypatch.setattr(losses, "CLOSED_FORM_CE_MIN_LOGITS", 0)
+    p = problem(name)
+    op = build("hessian", p, cache=cache)
+    ref = reference(name, "hessian")
+    V = random_matrix(op.shape[0], 3, seed=11)
+    for _ in range(2):  # the second product is served from the cache where there is one
+        assert R.relative_error(op.matmat(V), ref @ V) <= TOL
+        assert R.relative_error(op @ V[:, 0], ref @ V[:, 0]) <= TOL
+    assert op.cache_active == (cache == "auto")
+
+
 @pytest.mark.parametrize("kind", sorted(OPERATORS))
 def test_products_follow_parameter_updates(kind):
     """The operator is the curvature at the model's *current* parameters: after an in-place
@@ -511,6 +529,13 @@ def test_total_loss_matches_torch_to_second_order(name, closed_form_min, monkeyp
     if name == "cross_entropy":
         torch.testing.assert_close(out["ours"][2], 0.3 * kind.hessian_matmul(F_, U),
                                    rtol=1e-13, atol=1e-14)
+    # the derivative in the loss's incoming gradient (a scale that requires grad) is exact
+    c = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    sides = []
+    for fn in (lambda x: kind.total_loss(x, Y), ref_fn):
+        (grad,) = torch.autograd.grad(fn(F_) * c, F_, create_graph=True)
+        sides.append(torch.autograd.grad((grad * U).sum(), c)[0])
+    torch.testing.assert_close(sides[0], sides[1], rtol=1e-13, atol=1e-14)
     # a first-order gradient without create_graph works as usual
     (plain,) = torch.autograd.grad(kind.total_loss(F_, Y), F_)
     torch.testing.assert_close(plain, torch.autograd.grad(ref_fn(F_), F_)[0], rtol=1e-13,
