@@ -35,33 +35,30 @@ def _graph(seed: int, custom: bool):
     return out, [W, b, unused], gen
 
 
-def _loop(out, inputs, cot):
+def _against_loop(seed: int, m: int, custom: bool, retain_graph: bool):
+    """``batched_vjp`` and the loop of single backward passes on the same fresh graph."""
+    out, inputs, gen = _graph(seed, custom)
+    cot = torch.randn(m, *out.shape, dtype=DT, generator=gen)
     cols = []
-    for i in range(cot.shape[0]):
+    for i in range(m):
         grads = torch.autograd.grad(out, inputs, cot[i], retain_graph=True, allow_unused=True)
         cols.append([torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)])
-    return [torch.stack(c) for c in zip(*cols)]
+    expected = [torch.stack(c) for c in zip(*cols)]
+    got = batched_vjp([out], inputs, [cot], retain_graph=retain_graph)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-15)
+    return out, inputs, cot, got
 
 
 def test_batched_equals_single_backward_passes():
-    out, inputs, gen = _graph(0, custom=False)
-    cot = torch.randn(3, *out.shape, dtype=DT, generator=gen)
-    expected = _loop(out, inputs, cot)
-    got = batched_vjp([out], inputs, [cot], retain_graph=True)
-    for a, b in zip(got, expected, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-15)
+    out, inputs, cot, got = _against_loop(0, 3, custom=False, retain_graph=True)
     assert not got[2].any()  # an input the outputs do not depend on gets zeros
     single = batched_vjp([out, None], inputs, [cot[:1], cot[:1]])
-    for a, b in zip(single, expected, strict=True):
+    for a, b in zip(single, got, strict=True):
         torch.testing.assert_close(a, b[:1], rtol=1e-14, atol=1e-15)
 
 
 def test_fallback_loop_when_a_backward_has_no_batching_rule_and_the_graph_is_not_kept():
     # The batched attempt fails midway; the loop that replaces it must still find every
     # saved tensor, although the caller does not keep the graph (a fresh matmat).
-    out, inputs, gen = _graph(1, custom=True)
-    cot = torch.randn(4, *out.shape, dtype=DT, generator=gen)
-    expected = _loop(out, inputs, cot)
-    got = batched_vjp([out], inputs, [cot], retain_graph=False)
-    for a, b in zip(got, expected, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-15)
+    _against_loop(1, 4, custom=True, retain_graph=False)
