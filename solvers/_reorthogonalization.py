@@ -294,6 +294,7 @@ def omega_update(
     beta: np.ndarray,
     beta_next: float,
     eps1: float,
+    tnorm: float = 0.0,
 ) -> np.ndarray:
     r"""Simon's :math:`\omega`-recurrence: estimates of :math:`v_{j+1}^\top v_k`, k = 0..j+1.
 
@@ -304,11 +305,15 @@ def omega_update(
 
         \beta_{j+1}\omega_{j+1,k} = \beta_{k+1}\omega_{j,k+1} + (\alpha_k-\alpha_j)\omega_{j,k}
             + \beta_k\omega_{j,k-1} - \beta_j\omega_{j-1,k}
-            \pm \epsilon_1(\beta_{k+1}+\beta_{j+1}),
+            \pm \epsilon_1(\beta_{k+1}+\beta_{j+1}+2\|T\|),
 
-    the last term modelling the rounding errors (Simon 1984; PROPACK's
-    :math:`\epsilon_1 = \sqrt{n}\,\varepsilon/2`), then :math:`\omega_{j+1,j} = \epsilon_1`
-    (local orthogonality is kept explicitly) and :math:`\omega_{j+1,j+1} = 1`.
+    the last term modelling the rounding errors (Simon 1984). The rounding of a step,
+    :math:`v_k^\top f_j`, scales with :math:`\|A\|` (the product and the subtraction of
+    :math:`\alpha_j v_j`), not only with the couplings: with :math:`\beta` alone the
+    estimates ran 100x low once the couplings fell far below the leading eigenvalues, and a
+    rank-8 float32 operator's invariant subspace went unnoticed (PROPACK adds
+    :math:`\epsilon_1\|A\|` likewise). Then :math:`\omega_{j+1,j} = \epsilon_1` (local
+    orthogonality is kept explicitly) and :math:`\omega_{j+1,j+1} = 1`.
 
     Args:
         omega_prev: :math:`\omega_{j-1,\cdot}`, length j (ignored when j = 0).
@@ -317,6 +322,7 @@ def omega_update(
         beta: :math:`\beta_0..\beta_j` (``beta[0] = 0``).
         beta_next: :math:`\beta_{j+1}`.
         eps1: The rounding-noise level.
+        tnorm: :math:`\|T\|` (an estimate of :math:`\|A\|`) so far.
 
     Returns:
         :math:`\omega_{j+1,\cdot}`, length j + 2.
@@ -340,7 +346,7 @@ def omega_update(
         + b_k * om_km1
         - beta[j] * omega_prev[k]
     )
-    t = t + np.where(t >= 0, 1.0, -1.0) * eps1 * (b_k1 + beta_next)
+    t = t + np.where(t >= 0, 1.0, -1.0) * eps1 * (b_k1 + beta_next + 2.0 * tnorm)
     out[:j] = t / beta_next
     return out
 
@@ -354,7 +360,8 @@ class SelectiveCache:
     r"""The good Ritz vectors of selective orthogonalization (Parlett & Scott 1979).
 
     A Ritz pair :math:`(\theta_i, y_i = V_j s_i)` is *good* once its bound
-    :math:`\beta_{j+1}|s_{ji}| \le \sqrt{\varepsilon_A}\,\|T_j\|`, with
+    :math:`\beta_{j+1}|s_{ji}| \le c\sqrt{\varepsilon_A}\,\|T_j\|` (``c = noise``, the
+    rounding of a step in units of :math:`\varepsilon_A\|A\|`, capped as below), with
     :math:`\varepsilon_A` the precision of the process (the larger of the basis's and the
     operator's epsilon: a bf16 product carries noise of order :math:`2^{-8}` whatever the
     basis). Each good vector is formed once (jn flops) when it becomes good; every later
@@ -381,9 +388,14 @@ class SelectiveCache:
     REPRESENTED = 0.1
 
     def __init__(
-        self, n: int, dtype: torch.dtype, device: torch.device, eps: float, ledger=None
+        self, n: int, dtype: torch.dtype, device: torch.device, eps: float, ledger=None,
+        noise: float = 1.0,
     ) -> None:
-        self.sqrt_eps = math.sqrt(eps)
+        # Good once the bound is below noise * sqrt(eps) ||T||: a step's rounding is
+        # ~noise * eps ||A|| (see the omega-recurrence), and the loss it causes along a
+        # Ritz vector, that rounding over its bound, must stay below sqrt(eps). Capped at
+        # 0.1 (or sqrt(eps) where that is larger: bf16) so no rough vector counts as good.
+        self.sqrt_eps = min(noise * math.sqrt(eps), max(math.sqrt(eps), 0.1))
         self.values: list[float] = []
         self.coefficients: list[np.ndarray] = []
         # Stored like the Krylov basis (recycled blocks, no copy of the cache per addition).

@@ -556,6 +556,13 @@ class _Run:
         w.addcmul_(v, a1, value=-1.0)
         return w, a1, None
 
+    #: eps_1 of the omega-recurrence in units of eps_A (see _run_with_basis).
+    OMEGA_NOISE = 10.0
+
+    #: beta_{j+1} below this share of ||A v_j|| (or below sqrt(eps_A) of it) takes a pass
+    #: against the whole basis before the breakdown test (see _run_with_basis).
+    NEAR_INVARIANT = 1e-3
+
     #: DGKS / PROPACK's kappa: a second local Gram–Schmidt pass against v_j only when the
     #: first one cancelled, ||w|| < KAPPA ||A v_j|| (else it is orthogonal to ~eps already).
     KAPPA = 1.0 / math.sqrt(2.0)
@@ -600,15 +607,19 @@ class _Run:
         # basis dtype's rounding.
         delta = math.sqrt(self.eps_a)
         eta = self.eps_a**0.75
-        # Noise level of the omega-recurrence: one rounding (or product noise) per step.
-        # PROPACK's sqrt(n) eps / 2 exceeds the threshold itself for large n in float32
-        # (reorthogonalizing every step); local orthogonality is enforced explicitly here.
-        eps1 = self.eps_a
+        # Noise level of the omega-recurrence: the rounding each step adds, in units of
+        # ||A|| (omega_update). PROPACK's sqrt(n) eps / 2 exceeds the threshold itself for
+        # large n in float32 (a reorthogonalization every step), and torch's inner products
+        # round to ~0.1 eps here; OMEGA_NOISE eps_A is the smallest multiple that kept every
+        # low-rank float32 case semi-orthogonal (measured; 1 and 3 left 7e-4 > sqrt(eps)).
+        eps1 = min(self.OMEGA_NOISE * self.eps_a, delta / 10.0)  # capped: bf16
         omega_prev = np.zeros(0)
         omega_cur = np.ones(1)
         force_idx = np.zeros(0, dtype=np.int64)
         cache = (
-            SelectiveCache(n, work, self.device, self.eps_a, self.ledger)
+            SelectiveCache(
+                n, work, self.device, self.eps_a, self.ledger, noise=self.OMEGA_NOISE
+            )
             if self.strategy == "selective" else None
         )
         v_prev = None
@@ -635,6 +646,16 @@ class _Run:
             if h is None and self._cancelled(alpha_j, beta[j], beta_next):
                 w, alpha_j, beta_next = self._local_pass(v, w, alpha_t)
             unorm_f = math.sqrt(alpha_j**2 + beta[j] ** 2 + beta_next**2)
+            near_invariant = h is None and beta_next < max(delta, self.NEAR_INVARIANT) * unorm_f
+            if near_invariant:
+                # Near an invariant subspace w is mostly what a semi-orthogonal basis leaves
+                # along its own vectors (up to sqrt(eps_A) ||A||): only a pass against the
+                # whole basis tells a breakdown from a new direction. (Without it a rank-8
+                # operator's exhausted Krylov space went on with that pollution as its next
+                # vector, and the run diverged.) Rare: only where beta collapses.
+                w, _ = basis.cgs2(w, m + 1)
+                beta_next = float(torch.linalg.vector_norm(w))
+                self.reorths += 1
             alpha.append(alpha_j)
             anorm = max(anorm, unorm_f, abs(alpha_j))
             if h is not None and self.use_rr:
@@ -653,12 +674,15 @@ class _Run:
 
             if self.strategy == "partial":
                 omega_next = omega_update(
-                    omega_prev, omega_cur, np.asarray(alpha), np.asarray(beta), beta_next, eps1
+                    omega_prev, omega_cur, np.asarray(alpha), np.asarray(beta), beta_next, eps1,
+                    anorm,
                 )
-                if force_idx.size:
+                if force_idx.size or near_invariant:
                     omega_next[force_idx] = eps1
                     force_idx = np.zeros(0, dtype=np.int64)
-                if beta_next > 0 and np.max(np.abs(omega_next[:-1]), initial=0.0) > delta:
+                if near_invariant:
+                    omega_next[:-1] = eps1  # orthogonal to the whole basis now
+                elif beta_next > 0 and np.max(np.abs(omega_next[:-1]), initial=0.0) > delta:
                     idx = offending_range(omega_next, eta)
                     w = basis.project_rows(idx, w)
                     self.reorths += 1

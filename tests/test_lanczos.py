@@ -113,6 +113,37 @@ def test_low_rank_reports_zeros(reorth: str) -> None:
     assert res.matvecs <= 10
 
 
+class _GramOperator:
+    """``G Gᵀ`` of a tall (n, r) ``G``: rank r, exact top eigenvalues from the r x r Gram."""
+
+    def __init__(self, n: int, r: int, seed: int, dtype: torch.dtype) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        scale = torch.tensor([(i + 1) ** -0.5 for i in range(r)], dtype=torch.float64)
+        G64 = torch.randn(n, r, generator=gen, dtype=torch.float64) * scale
+        self.G = G64.to(dtype)
+        self.exact = np.sort(np.linalg.eigvalsh((self.G.double().T @ self.G.double()).numpy()))
+        self.shape, self.dtype, self.device = (n, n), dtype, torch.device("cpu")
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        return self.G @ (self.G.T @ v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("reorth", ["selective", "partial"])
+def test_exhausted_krylov_space_of_a_low_rank_operator(reorth, seed, dtype) -> None:
+    # A rank-8 operator with n = 30080 (the EF of 8 sequences of a small GPT-2 in the
+    # validation ladder): after 9 steps the Krylov space is invariant and beta is only what
+    # the semi-orthogonal basis left along its own vectors. That must be found to be a
+    # breakdown; taken as a direction, partial diverged (eigenvalues 1e11, loss 1.0).
+    A = _GramOperator(30080, 8, seed, dtype)
+    res = lanczos(A, 5, config=LanczosConfig(reorth=reorth, tol=1e-8, max_iters=300))
+    eps = torch.finfo(dtype).eps
+    np.testing.assert_allclose(res.eigenvalues, A.exact[::-1][:5], rtol=max(1e-10, 50 * eps))
+    assert res.all_converged and res.iterations <= 11  # (float64 converges just before)
+    assert res.orthogonality_loss <= np.sqrt(eps)  # semi-orthogonal
+
+
 def test_low_rank_none_reports_distinct_values() -> None:
     # Without a basis a breakdown cannot be continued from: each distinct value once, noted.
     ev = np.concatenate([[3.0, 2.0, 1.0], np.zeros(97)])
