@@ -143,7 +143,7 @@ class ParameterSpace:
                     f"tensor for {name!r} has shape {tuple(t.shape)}, expected {tuple(shape)}"
                 )
             parts.append(t.reshape(t.shape[0], -1) if batched else t.reshape(-1))
-        return torch.cat([p.to(self.dtype) for p in parts], dim=-1)
+        return self._concat(parts)
 
     def flatten_batched(self, tensors: Sequence[Tensor]) -> Tensor:
         """:meth:`flatten` of ``(m, *shape_i)`` blocks that a product made itself.
@@ -152,15 +152,12 @@ class ParameterSpace:
         ends here, and on a small model the checks of :meth:`flatten` cost as much as a
         layer's backward.
         """
+        return self._concat([t.reshape(t.shape[0], -1) for t in tensors])
+
+    def _concat(self, parts: Sequence[Tensor]) -> Tensor:
+        """Flat parts side by side in ``self.dtype`` (a cast only where a part differs)."""
         dtype = self.dtype
-        return torch.cat(
-            [
-                t.reshape(t.shape[0], -1) if t.dtype == dtype
-                else t.reshape(t.shape[0], -1).to(dtype)
-                for t in tensors
-            ],
-            dim=-1,
-        )
+        return torch.cat([p if p.dtype == dtype else p.to(dtype) for p in parts], dim=-1)
 
     def unflatten(self, vector: Tensor, *, cast: bool = True) -> list[Tensor]:
         """Split a flat vector (or an ``(m, n)`` batch of them) into per-parameter tensors.

@@ -294,7 +294,7 @@ def omega_update(
     beta: np.ndarray,
     beta_next: float,
     eps1: float,
-    tnorm: float = 0.0,
+    tnorm: float,
 ) -> np.ndarray:
     r"""Simon's :math:`\omega`-recurrence: estimates of :math:`v_{j+1}^\top v_k`, k = 0..j+1.
 
@@ -395,7 +395,7 @@ class SelectiveCache:
         # ~noise * eps ||A|| (see the omega-recurrence), and the loss it causes along a
         # Ritz vector, that rounding over its bound, must stay below sqrt(eps). Capped at
         # 0.1 (or sqrt(eps) where that is larger: bf16) so no rough vector counts as good.
-        self.sqrt_eps = min(noise * math.sqrt(eps), max(math.sqrt(eps), 0.1))
+        self.good_bound = min(noise * math.sqrt(eps), max(math.sqrt(eps), 0.1))
         self.values: list[float] = []
         self.coefficients: list[np.ndarray] = []
         # Stored like the Krylov basis (recycled blocks, no copy of the cache per addition).
@@ -417,7 +417,7 @@ class SelectiveCache:
             bounds: Their residual bounds.
             tnorm: :math:`\|T_j\|`.
         """
-        good = np.flatnonzero(bounds <= self.sqrt_eps * tnorm)
+        good = np.flatnonzero(bounds <= self.good_bound * tnorm)
         if not self.coefficients or good.size == 0:
             return good
         j = S.shape[0]

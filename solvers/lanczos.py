@@ -653,7 +653,7 @@ class _Run:
                 # whole basis tells a breakdown from a new direction. (Without it a rank-8
                 # operator's exhausted Krylov space went on with that pollution as its next
                 # vector, and the run diverged.) Rare: only where beta collapses.
-                w, _ = basis.cgs2(w, m + 1)
+                w, _ = basis.cgs2(w, j + 1)
                 beta_next = float(torch.linalg.vector_norm(w))
                 self.reorths += 1
             alpha.append(alpha_j)
@@ -677,7 +677,7 @@ class _Run:
                     omega_prev, omega_cur, np.asarray(alpha), np.asarray(beta), beta_next, eps1,
                     anorm,
                 )
-                if force_idx.size or near_invariant:
+                if force_idx.size:
                     omega_next[force_idx] = eps1
                     force_idx = np.zeros(0, dtype=np.int64)
                 if near_invariant:

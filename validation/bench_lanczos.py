@@ -7,7 +7,7 @@ counted by a counting ``LinearOperator``; both sides' errors against
 ``numpy.linalg.eigvalsh`` are listed (equal accuracy).
 
 Part 2, the MLP 784-256-256-10 (ReLU, 269,322 parameters) GGN on one batch of 256
-(then of 2048: the same vectors, a product 8x dearer), float32, cross-entropy: for each
+(then of 2048: vectors of the same length, a product 5-6x dearer), float32, cross-entropy: for each
 strategy at k = 5, ``tol=1e-6``, ``overhead = lanczos wall / (matvecs x one matvec)``; end
 to end, curvops' Lanczos against ``eigsh`` on curvlinops' scipy operator
 (``bash scripts/setup-bench.sh``) at the same tol.
