@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from .base import LinearOperatorBase
+from .checks import as_real
 
 
 class IdentityOperator(LinearOperatorBase):
@@ -51,9 +52,10 @@ class ScaledOperator(LinearOperatorBase):
         return self.op.parameters_fixed()
 
     def __mul__(self, scalar: object) -> LinearOperatorBase:
-        if isinstance(scalar, (int, float)) and not isinstance(scalar, bool):
-            return ScaledOperator(self.op, self.scalar * float(scalar))
-        return NotImplemented
+        factor = as_real(scalar)
+        if factor is None:
+            return NotImplemented
+        return ScaledOperator(self.op, self.scalar * factor)
 
     __rmul__ = __mul__
 

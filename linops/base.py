@@ -8,11 +8,14 @@ scipy/cupy views, sums, scalings and damping) is shared.
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from .checks import as_real
 
 # Materialising more than this many bytes needs an explicit ``max_bytes``.
 DEFAULT_DENSE_LIMIT_BYTES = 2 * 1024**3
@@ -150,9 +153,10 @@ class LinearOperatorBase:
     def __mul__(self, scalar: Any) -> LinearOperatorBase:
         from .algebra import ScaledOperator
 
-        if isinstance(scalar, numbers.Real) and not isinstance(scalar, bool):
-            return ScaledOperator(self, float(scalar))
-        return NotImplemented
+        factor = as_real(scalar)
+        if factor is None:
+            return NotImplemented
+        return ScaledOperator(self, factor)
 
     __rmul__ = __mul__
 
@@ -165,10 +169,23 @@ class LinearOperatorBase:
         return NotImplemented
 
     def damped(self, damping: float) -> LinearOperatorBase:
-        """``A + damping · I``."""
+        """``A + damping · I``.
+
+        Args:
+            damping: A finite real number (Python or numpy scalar).
+
+        Raises:
+            TypeError: If ``damping`` is not a real number.
+            ValueError: If it is NaN or infinite.
+        """
         from .algebra import IdentityOperator
 
-        return self + float(damping) * IdentityOperator.like(self)
+        lam = as_real(damping)
+        if lam is None:
+            raise TypeError(f"damping must be a real number, got {damping!r}")
+        if not math.isfinite(lam):
+            raise ValueError(f"damping must be finite, got {damping!r}")
+        return self + lam * IdentityOperator.like(self)
 
     def __repr__(self) -> str:
         return (

@@ -37,6 +37,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .checks import as_integer
+
 #: Share of the available memory a cache may use when no budget is given.
 DEFAULT_BUDGET_FRACTION = 0.25
 
@@ -70,8 +72,11 @@ def default_cache_budget(device: torch.device) -> int:
     return int(DEFAULT_BUDGET_FRACTION * available_memory_bytes(device))
 
 
-def check_cache_arguments(cache: Any, budget: Any) -> None:
+def check_cache_arguments(cache: Any, budget: Any) -> int | None:
     """Validate the ``cache=`` and ``cache_budget_bytes=`` arguments of an operator.
+
+    Returns:
+        The budget as a Python int (numpy integers are accepted), or ``None``.
 
     Raises:
         ValueError: For an unknown mode or a negative budget.
@@ -79,11 +84,14 @@ def check_cache_arguments(cache: Any, budget: Any) -> None:
     """
     if cache not in CACHE_MODES:
         raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
-    if budget is not None:
-        if isinstance(budget, bool) or not isinstance(budget, int):
-            raise TypeError(f"cache_budget_bytes must be an int or None, got {budget!r}")
-        if budget < 0:
-            raise ValueError(f"cache_budget_bytes must be >= 0, got {budget}")
+    if budget is None:
+        return None
+    nbytes = as_integer(budget)
+    if nbytes is None:
+        raise TypeError(f"cache_budget_bytes must be an int or None, got {budget!r}")
+    if nbytes < 0:
+        raise ValueError(f"cache_budget_bytes must be >= 0, got {budget}")
+    return nbytes
 
 
 def _storage_key(t: Tensor) -> tuple[str, int]:

@@ -8,8 +8,11 @@ before and restored after.
 from __future__ import annotations
 
 import math
+import numbers
+import re
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +29,130 @@ def all_finite(x: Tensor) -> bool:
         return True
     wide = torch.float64 if x.dtype == torch.float64 else torch.float32
     return math.isfinite(float(x.sum(dtype=wide))) or bool(torch.isfinite(x).all())
+
+
+def as_integer(value: Any) -> int | None:
+    """``value`` as a Python ``int`` if it is an integer, else ``None``.
+
+    Python ints and numpy integer scalars count (``np.int64(3)``); ``bool`` does not, and
+    neither does a float with an integral value (``3.0``): a count or a seed given as a
+    float is more likely a mistake than a request.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return None
+    return int(value)
+
+
+def as_real(value: Any) -> float | None:
+    """``value`` as a Python ``float`` if it is a real number, else ``None``.
+
+    Python and numpy real scalars count (``np.float32(1e-6)``, ``np.int64(2)``); ``bool``
+    does not.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
+def check_materialized(model: nn.Module) -> None:
+    """Refuse a model whose parameters or buffers live on the ``meta`` device (no values)."""
+    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in named:
+            if t.device.type == "meta":
+                raise ValueError(
+                    f"{kind} {name!r} is on the meta device (it has a shape but no values); "
+                    "materialise the model first: load its weights, or model.to_empty("
+                    "device=...) followed by an initialisation or load_state_dict"
+                )
+
+
+def check_batch_inputs(
+    index: int,
+    inputs: list[tuple[str, Tensor]],
+    dtype: torch.dtype,
+    first: dict[str, torch.Size] | None,
+) -> dict[str, torch.Size]:
+    """Refuse a batch's model inputs that would fail or poison the products.
+
+    Floating inputs must be finite (an Inf input can give finite outputs and NaN
+    gradients) and in the model's dtype (nothing is cast silently); they must keep the
+    number of dimensions of the first batch's input of the same name, and a 2-D input
+    ``(examples, features)`` its feature size. Other sizes are not compared: in an input
+    of more dimensions the one that may vary (sequence length, image size) cannot be told
+    from the others. Integer inputs (token ids) are not compared.
+
+    Args:
+        index: The batch's position in the data, for the messages.
+        inputs: The batch's model inputs, named (``"inputs"``, ``"inputs[0]"``, ...).
+        dtype: The model's dtype (:func:`~curvops.linops.params.model_dtype`).
+        first: The shapes of the first batch's floating inputs (``None`` for batch 0).
+
+    Returns:
+        The shapes of this batch's floating inputs (pass them as ``first`` for later ones).
+
+    Raises:
+        TypeError: For a floating input of another dtype than the model's.
+        ValueError: For NaN/Inf entries or a feature size that differs from batch 0's.
+    """
+    shapes: dict[str, torch.Size] = {}
+    for name, t in inputs:
+        if not t.is_floating_point():
+            continue
+        if t.dtype != dtype:
+            raise TypeError(
+                f"batch {index}: {name} has dtype {t.dtype} but the model computes in {dtype}; "
+                f"pass {name}.to({dtype}) (curvops never casts inputs silently)"
+            )
+        if not all_finite(t):
+            what = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+            raise ValueError(
+                f"batch {index}: {name} contains {what} entries; the products would be NaN. "
+                "Remove or replace them before building the operator"
+            )
+        shapes[name] = t.shape
+        was = None if first is None else first.get(name)
+        if was is not None and (len(was) != t.dim() or (t.dim() == 2 and was[1] != t.shape[1])):
+            raise ValueError(
+                f"batch {index}: {name} has shape {tuple(t.shape)} but batch 0's has "
+                f"{tuple(was)}; every batch must give the model inputs of the same feature "
+                "size and number of dimensions (only the number of examples may vary)"
+            )
+    return shapes
+
+
+#: Torch's wording when an op meets an argument of the wrong dtype.
+_DTYPE_ERROR = re.compile(r"dtype|scalar type|weight type")
+
+
+def explain_input_dtype_error(
+    err: Exception, inputs: list[tuple[str, Tensor]], dtype: torch.dtype
+) -> TypeError | None:
+    """A message in curvops' words for a forward pass that failed on an input's dtype.
+
+    Integer inputs are legitimate for embedding layers, so they cannot be refused before
+    the forward pass; when the model then fails with a dtype error, this names the input
+    whose dtype is not the model's.
+
+    Args:
+        err: What the model's forward pass raised.
+        inputs: The model inputs of the batch, named.
+        dtype: The model's dtype.
+
+    Returns:
+        A ``TypeError`` to raise from ``err``, or ``None`` when ``err`` is not such an error.
+    """
+    if not isinstance(err, RuntimeError) or not _DTYPE_ERROR.search(str(err)):
+        return None
+    odd = [(name, t) for name, t in inputs if t.dtype != dtype]
+    if not odd:
+        return None
+    name, t = odd[0]
+    first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return TypeError(
+        f"the model's forward pass failed on {name} of dtype {t.dtype} ({first_line}); the "
+        f"model computes in {dtype}: pass {name}.to({dtype}) for floating inputs (integer "
+        "inputs are for embedding layers; curvops never casts inputs silently)"
+    )
 
 
 def check_finite_parameters(names: list[str], params: list[Tensor]) -> None:

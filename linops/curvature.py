@@ -49,7 +49,6 @@ from typing import Any
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten
 
 from .autodiff import batched_vjp
 from .base import LinearOperatorBase
@@ -62,31 +61,30 @@ from .cache import (
 )
 from .checks import (
     all_finite,
+    as_integer,
     check_finite_parameters,
+    check_materialized,
     check_no_train_mode_batchnorm,
     check_repeatable,
 )
-from .data import DataSource
-from .objective import Count, Objective, OwnParameters, Rows, as_objective
-from .params import ParameterSpace, select_parameters
+from .data import DataFingerprint, DataSource, survey_data
+from .objective import Objective, OwnParameters, Rows, as_objective
+from .params import ParameterSpace, model_dtype, select_parameters
 from .per_example import per_example_gradients
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
-def _add_content(acc: list[Tensor] | None, batch: Any) -> list[Tensor]:
-    """Add a batch's order-independent content summary (per tensor leaf: float64 sum and
-    sum of squares) to ``acc``."""
-    leaves = [t for t in tree_flatten(batch)[0] if isinstance(t, Tensor)]
-    stats = [
-        torch.stack([t.detach().double().sum(), t.detach().double().square().sum()]).cpu()
-        for t in leaves
-    ]
-    if acc is None:
-        return stats
-    if len(stats) != len(acc):
-        return acc + [torch.full((2,), float("nan"))]  # a different structure: never equal
-    return [a + b for a, b in zip(acc, stats)]
+def _reordering_error() -> ValueError:
+    """The refusal of data whose order changes between passes (for the MC Fisher)."""
+    return ValueError(
+        "the Monte-Carlo Fisher draws each example's labels from a key of its position in "
+        "the data, and the data comes in another order on every pass (a DataLoader with "
+        "shuffle=True or a random sampler?): every product would use other labels, so the "
+        "operator would not be one fixed matrix. Pass the data in a fixed order: "
+        "DataLoader(..., shuffle=False), or a fixed permutation as the sampler, e.g. "
+        "sampler=torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()"
+    )
 
 
 class CurvatureOperator(LinearOperatorBase):
@@ -105,6 +103,9 @@ class CurvatureOperator(LinearOperatorBase):
             differing outputs (dropout left on); also checks outputs and loss are finite,
             and that a second pass over the data holds the same examples (in any order;
             random augmentation is refused). Every product also refuses NaN/Inf outputs.
+            Whatever this flag, construction makes one pass over the data without
+            forward passes that counts it and refuses NaN/Inf inputs, inputs of another
+            dtype than the model's and feature sizes that differ between batches.
         cache: ``"auto"`` (default): keep each micro-batch's prepared state (forward
             pass and first-order graph) across products when all of them fit
             ``cache_budget_bytes``, built by the first product and rebuilt when the
@@ -142,9 +143,10 @@ class CurvatureOperator(LinearOperatorBase):
         cache: str = "auto",
         cache_budget_bytes: int | None = None,
     ) -> None:
-        check_cache_arguments(cache, cache_budget_bytes)
+        cache_budget_bytes = check_cache_arguments(cache, cache_budget_bytes)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_materialized(model)
         self.model = model
         self.objective: Objective = as_objective(loss_fn)
         names, tensors = select_parameters(model, params)
@@ -155,28 +157,28 @@ class CurvatureOperator(LinearOperatorBase):
         self.shape = (n, n)
         self.dtype = self.space.dtype
         self.device = self.space.device
-        if micro_batch_size is not None and (
-            isinstance(micro_batch_size, bool)
-            or not isinstance(micro_batch_size, int)
-            or micro_batch_size < 1
-        ):
-            raise ValueError(f"micro_batch_size must be a positive int, got {micro_batch_size!r}")
+        if micro_batch_size is not None:
+            size = as_integer(micro_batch_size)
+            if size is None or size < 1:
+                raise ValueError(
+                    f"micro_batch_size must be a positive int, got {micro_batch_size!r}"
+                )
+            micro_batch_size = size
         self.micro_batch_size = micro_batch_size
         check_finite_parameters(names, tensors)
         check_no_train_mode_batchnorm(model)
         self.data = DataSource(data)
-        total = Count(0, 0)
-        content = None
-        for batch in self.data:
-            total = total + self.objective.count(batch)
-            if check_deterministic:
-                content = _add_content(content, batch)
-        if total.examples == 0 or total.terms == 0:
-            raise ValueError("data is empty: no examples / loss terms")
-        self.total = total
-        self.normalizer = self.objective.normalizer(total)
+        fixed_order = self._needs_fixed_order
+        if fixed_order and self.data.reorders:
+            raise _reordering_error()
+        fingerprint = (
+            DataFingerprint(order=fixed_order) if check_deterministic or fixed_order else None
+        )
+        self.total = survey_data(self.data, self.objective, model_dtype(model), fingerprint)
+        self.normalizer = self.objective.normalizer(self.total)
+        if fingerprint is not None:
+            self._check_same_data(fingerprint, content=check_deterministic)
         if check_deterministic:
-            self._check_same_data(content)
             self._check_deterministic()
         budget = (
             default_cache_budget(self.device) if cache_budget_bytes is None else cache_budget_bytes
@@ -207,7 +209,7 @@ class CurvatureOperator(LinearOperatorBase):
 
     @cache_budget_bytes.setter
     def cache_budget_bytes(self, budget: int) -> None:
-        check_cache_arguments(self._cache.mode, budget)
+        budget = check_cache_arguments(self._cache.mode, budget)
         self._cache.budget_bytes = budget
         if self._cache.nbytes > budget:
             self._cache.clear()
@@ -310,30 +312,29 @@ class CurvatureOperator(LinearOperatorBase):
             raise ValueError("the targets contain NaN or Inf (in some batch of the data)")
         return rows
 
-    def _check_same_data(self, content: list[Tensor] | None) -> None:
-        """A second pass over the data must hold the same examples (in any order).
+    #: Whether the operator depends on the order of the examples (not only on the set of
+    #: them): then the data must come in the same order on every pass.
+    _needs_fixed_order = False
 
-        Compares order-independent float64 sums (of values and squares) of every tensor
-        in the batches, so shuffling passes and random augmentation does not.
+    def _check_same_data(self, first: DataFingerprint, *, content: bool) -> None:
+        """A second pass over the data must hold the same examples.
+
+        Compares :class:`~curvops.linops.data.DataFingerprint` summaries of the two passes:
+        with ``content``, the order-independent ones (shuffling passes, random
+        augmentation does not); for an operator that needs a fixed order, also the
+        order of the examples.
         """
-        again = None
+        again = DataFingerprint(order=first.order is not None)
         for batch in self.data:
-            again = _add_content(again, batch)
-        same = (
-            content is not None
-            and again is not None
-            and len(content) == len(again)
-            and all(
-                torch.allclose(a, b, rtol=1e-9, atol=0.0, equal_nan=True)
-                for a, b in zip(content, again)
-            )
-        )
-        if not same:
+            again.add(batch)
+        if content and not first.same_content(again):
             raise ValueError(
                 "the data differs between two passes (random augmentation or a loader that "
                 "yields new data each pass?); every product replays the data, so the curvature "
                 "would not be one fixed matrix. Pass check_deterministic=False to skip this check"
             )
+        if first.order is not None and not first.same_order(again):
+            raise _reordering_error()
 
     def _check_deterministic(self) -> None:
         first, _ = next(iter(self.micro_batches()))
@@ -678,7 +679,9 @@ class FisherOperator(_JacobianSandwich):
     expectation by ``mc_samples`` draws per row, drawn from the model at the current
     parameters and keyed by ``(seed, global example index)``, so every product uses
     the same labels and the operator is one fixed matrix. Keying by example index
-    needs the data in a fixed order (no shuffling loader). With the cache, the sampled
+    needs the data in the same order on every pass: construction refuses a shuffling
+    loader, and compares the order of a second pass over the data with the first (also
+    with ``check_deterministic=False``). With the cache, the sampled
     gradients are kept with each micro-batch's state (and redrawn when the parameters
     change, as the fresh products would).
 
@@ -702,12 +705,16 @@ class FisherOperator(_JacobianSandwich):
     ) -> None:
         if mode not in ("exact", "mc"):
             raise ValueError(f"mode must be 'exact' or 'mc', got {mode!r}")
-        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+        samples = as_integer(mc_samples)
+        if samples is None or samples < 1:
             raise ValueError(f"mc_samples must be a positive int, got {mc_samples!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
+        key = as_integer(seed)
+        if key is None:
             raise TypeError(f"seed must be an int, got {seed!r}")
-        self.mode, self.mc_samples, self.seed = mode, mc_samples, seed
+        self.mode, self.mc_samples, self.seed = mode, samples, key
         self.name = "fisher" if mode == "exact" else "fisher_mc"
+        # The MC labels are keyed by each example's position in the data.
+        self._needs_fixed_order = mode == "mc"
         super().__init__(model, loss_fn, data, params, **kwargs)
 
     def sampled_row_gradients(self, rows: Rows, offset: int) -> Tensor:

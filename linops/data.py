@@ -11,7 +11,21 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import torch
 from torch import Tensor
+from torch.utils._pytree import tree_flatten
+from torch.utils.data import (
+    DataLoader,
+    RandomSampler,
+    SubsetRandomSampler,
+    WeightedRandomSampler,
+)
+
+from .checks import check_batch_inputs
+from .objective import Count, Objective
+
+#: Samplers that draw a new order on every pass over a ``DataLoader``.
+_REORDERING_SAMPLERS = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
 
 
 def _is_single_batch(data: Any) -> bool:
@@ -21,11 +35,25 @@ def _is_single_batch(data: Any) -> bool:
     return isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], Tensor)
 
 
+def _reorders(data: Any) -> bool:
+    """Whether ``data`` is a ``DataLoader`` known to draw a new order on every pass."""
+    if not isinstance(data, DataLoader):
+        return False
+    samplers = [data.sampler, getattr(data.batch_sampler, "sampler", None)]
+    return any(isinstance(s, _REORDERING_SAMPLERS) for s in samplers)
+
+
 class DataSource:
     """A replayable sequence of batches.
 
     Args:
         data: Batches (see the module docstring).
+
+    Attributes:
+        single_batch: Whether ``data`` was one batch (wrapped).
+        reorders: Whether ``data`` is a ``DataLoader`` whose sampler draws a new order
+            on every pass (``shuffle=True``, a random sampler). Other sources may still
+            reorder; :class:`DataFingerprint` finds those.
 
     Raises:
         TypeError: For a one-shot iterator or generator, or an object that cannot be
@@ -36,6 +64,7 @@ class DataSource:
     def __init__(self, data: Any) -> None:
         if data is None:
             raise ValueError("data is empty (None)")
+        self.reorders = _reorders(data)
         if _is_single_batch(data):
             self._factory: Callable[[], Iterator[Any]] = lambda: iter([data])
             self.single_batch = True
@@ -58,3 +87,97 @@ class DataSource:
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self._factory())
+
+
+class DataFingerprint:
+    """Cheap summaries of one pass over the data, to compare with another pass.
+
+    ``content``: per tensor position in the batch structure, the float64 sum and sum of
+    squares over the whole pass (order-independent: shuffling keeps it, new data does
+    not). ``order`` (when asked for): per batch, each example's float64 sum of every tensor
+    leaf, in iteration order (a reordering changes it).
+
+    Args:
+        order: Also record the order summary.
+    """
+
+    def __init__(self, *, order: bool = False) -> None:
+        self.content: list[Tensor] | None = None
+        self.order: list[Tensor] | None = [] if order else None
+        self._structure_changed = False
+
+    def add(self, batch: Any) -> None:
+        """Add one batch."""
+        leaves = [t.detach() for t in tree_flatten(batch)[0] if isinstance(t, Tensor)]
+        stats = [torch.stack([t.double().sum(), t.double().square().sum()]).cpu() for t in leaves]
+        if self.content is None:
+            self.content = stats
+        elif len(stats) != len(self.content):
+            self._structure_changed = True  # never equal to another pass
+        else:
+            self.content = [a + b for a, b in zip(self.content, stats, strict=True)]
+        if self.order is not None:
+            per_example = [
+                t.reshape(t.shape[0], -1).double().sum(1) if t.dim() else t.double().reshape(1)
+                for t in leaves
+            ]
+            self.order.append(torch.cat(per_example).cpu() if per_example else torch.zeros(0))
+
+    def same_content(self, other: DataFingerprint) -> bool:
+        """Whether the two passes held the same examples, in any order."""
+        if self._structure_changed or other._structure_changed:
+            return False
+        a, b = self.content, other.content
+        return (
+            a is not None
+            and b is not None
+            and len(a) == len(b)
+            and all(torch.allclose(x, y, rtol=1e-9, atol=0.0, equal_nan=True) for x, y in zip(a, b))
+        )
+
+    def same_order(self, other: DataFingerprint) -> bool:
+        """Whether the two passes gave the same examples in the same order (needs ``order``)."""
+        a, b = self.order, other.order
+        assert a is not None and b is not None, "both fingerprints need order=True"
+        return len(a) == len(b) and all(
+            x.shape == y.shape and torch.allclose(x, y, rtol=1e-9, atol=0.0, equal_nan=True)
+            for x, y in zip(a, b)
+        )
+
+
+def survey_data(
+    source: DataSource,
+    objective: Objective,
+    dtype: torch.dtype,
+    fingerprint: DataFingerprint | None = None,
+) -> Count:
+    """One pass over the data without forward passes: count it and refuse bad batches.
+
+    Every batch is validated by the objective (targets) and its model inputs by
+    :func:`~curvops.linops.checks.check_batch_inputs` (finite, the model's dtype, the
+    first batch's feature size).
+
+    Args:
+        source: The data.
+        objective: Counts and validates batches; names their model inputs.
+        dtype: The model's dtype (:func:`~curvops.linops.params.model_dtype`).
+        fingerprint: Summarises the pass too, if given.
+
+    Returns:
+        Examples and loss terms over the whole data.
+
+    Raises:
+        ValueError: For data without examples or loss terms, or a bad batch.
+        TypeError: For a bad batch.
+    """
+    total = Count(0, 0)
+    first = None
+    for index, batch in enumerate(source):
+        total = total + objective.count(batch)
+        shapes = check_batch_inputs(index, objective.input_tensors(batch), dtype, first)
+        first = shapes if first is None else first
+        if fingerprint is not None:
+            fingerprint.add(batch)
+    if total.examples == 0 or total.terms == 0:
+        raise ValueError("data is empty: no examples / loss terms")
+    return total

@@ -34,11 +34,15 @@ import torch
 from torch import Tensor, nn
 
 from .base import LinearOperatorBase
-from .checks import check_finite_parameters, check_no_train_mode_batchnorm
-from .data import DataSource
-from .objective import Count, Objective, as_objective
-from .params import ParameterSpace, select_parameters
-from .per_example import check_deterministic_losses, per_example_gradient_chunks
+from .checks import check_finite_parameters, check_materialized, check_no_train_mode_batchnorm
+from .data import DataSource, survey_data
+from .objective import Objective, as_objective
+from .params import ParameterSpace, model_dtype, select_parameters
+from .per_example import (
+    check_chunk_size,
+    check_deterministic_losses,
+    per_example_gradient_chunks,
+)
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -95,17 +99,15 @@ class GramOperator(LinearOperatorBase):
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_materialized(model)
+        chunk_size = check_chunk_size(chunk_size)
         objective: Objective = as_objective(loss_fn)
         names, tensors = select_parameters(model, params)
         space = ParameterSpace.from_parameters(names, tensors)
         check_finite_parameters(names, tensors)
         check_no_train_mode_batchnorm(model)
         source = DataSource(data)
-        total = Count(0, 0)
-        for batch in source:
-            total = total + objective.count(batch)
-        if total.examples == 0 or total.terms == 0:
-            raise ValueError("data is empty: no examples / loss terms")
+        total = survey_data(source, objective, model_dtype(model))
         if check_deterministic:
             check_deterministic_losses(model, objective, next(iter(source)), chunk_size)
         parts: list[Tensor] = []

@@ -193,12 +193,17 @@ class TorchLoss:
         """Validate ``loss_fn`` and describe it.
 
         Raises:
-            TypeError: For a loss that is not one of the supported ones.
+            TypeError: For a loss that is not one of the supported ones, or a subclass or
+                instance whose call does something else (its own ``forward`` or
+                ``__call__``, forward hooks).
             ValueError: For options that would make the curvature silently different
                 (class weights, label smoothing, another ``ignore_index``, ``pos_weight``,
                 ``reduction="none"``).
         """
         reduction = getattr(loss_fn, "reduction", None)
+        for base in (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss):
+            if isinstance(loss_fn, base):
+                _check_plain_call(loss_fn, base)
         if isinstance(loss_fn, nn.CrossEntropyLoss):
             if loss_fn.weight is not None:
                 raise ValueError("CrossEntropyLoss(weight=...) is not supported")
@@ -223,3 +228,25 @@ class TorchLoss:
         if reduction not in ("mean", "sum"):
             raise ValueError(f"loss reduction must be 'mean' or 'sum', got {reduction!r}")
         return cls(kind, reduction)
+
+
+def _check_plain_call(loss_fn: nn.Module, base: type[nn.Module]) -> None:
+    """Refuse a loss whose call is not ``base``'s own.
+
+    The products never call the loss module: they use the closed forms of ``base``
+    (:class:`LossKind`). A subclass's own ``forward`` (``super().forward(2 * o, t)``) or a
+    forward hook would be ignored, giving the curvature of another loss without a word.
+    """
+    cls = type(loss_fn)
+    changed = [n for n in ("forward", "__call__") if getattr(cls, n) is not getattr(base, n)]
+    if "forward" in vars(loss_fn):
+        changed.append("forward (set on the instance)")
+    if loss_fn._forward_hooks or loss_fn._forward_pre_hooks:
+        changed.append("forward hooks")
+    if changed:
+        raise TypeError(
+            f"loss {cls.__name__} changes {' and '.join(changed)} of nn.{base.__name__}; curvops "
+            f"computes the curvature from nn.{base.__name__}'s closed form and never calls the "
+            f"loss module, so the change would be ignored. Pass nn.{base.__name__} itself, or "
+            "write the loss as a curvops Objective (curvops.linops.Objective)"
+        )

@@ -21,7 +21,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .checks import explain_input_dtype_error
 from .losses import LossKind, TorchLoss
+from .params import model_dtype
 
 
 @dataclass
@@ -87,6 +89,16 @@ class Objective(ABC):
         """A context every product runs under (e.g. an attention kernel that supports it)."""
         return contextlib.nullcontext()
 
+    def input_tensors(self, batch: Any) -> list[tuple[str, Tensor]]:
+        """The tensors of ``batch`` the model receives, named for error messages.
+
+        The operators check them at construction (finite, the model's dtype, the same
+        feature size in every batch; :func:`~curvops.linops.checks.check_batch_inputs`).
+        The default lists none: only an objective that knows which tensors are model
+        inputs (not masks or labels) lists them.
+        """
+        return []
+
 
 def _slice_inputs(x: Any, start: int, stop: int) -> Any:
     if isinstance(x, Tensor):
@@ -106,6 +118,17 @@ class OwnParameters(dict):
     swap cost ~45 us per forward of a 3-layer MLP, repeated on every product. An empty
     instance says the same without listing the parameters (the hot path of every product).
     """
+
+
+def _named_tensors(x: Any, name: str) -> list[tuple[str, Tensor]]:
+    """The tensor leaves of ``x`` (a tensor, tuple/list or dict), named like ``name[0]['k']``."""
+    if isinstance(x, Tensor):
+        return [(name, x)]
+    if isinstance(x, (tuple, list)):
+        return [leaf for i, item in enumerate(x) for leaf in _named_tensors(item, f"{name}[{i}]")]
+    if isinstance(x, dict):
+        return [leaf for k, v in x.items() for leaf in _named_tensors(v, f"{name}[{k!r}]")]
+    return []
 
 
 def call_with_inputs(model: nn.Module, params: dict[str, Tensor], inputs: Any) -> Any:
@@ -164,6 +187,11 @@ class TorchObjective(Objective):
                     "CrossEntropyLoss with probability (float) targets is not supported; "
                     "pass class indices"
                 )
+            if y.dtype != torch.int64:
+                raise TypeError(
+                    f"CrossEntropyLoss targets have dtype {y.dtype}; class indices must be "
+                    "torch.int64 (long): pass targets.long() (curvops never casts silently)"
+                )
             terms = int((y != -100).sum())
         else:
             if not y.is_floating_point():
@@ -179,9 +207,22 @@ class TorchObjective(Objective):
         n = int(y.shape[0])
         return [(_slice_inputs(x, i, i + size), y[i : i + size]) for i in range(0, n, size)]
 
+    def input_tensors(self, batch: Any) -> list[tuple[str, Tensor]]:
+        """The tensors of ``inputs`` (``"inputs"``, ``"inputs[0]"``, ``"inputs['mask']"``)."""
+        return _named_tensors(self._unpack(batch)[0], "inputs")
+
     def rows(self, model: nn.Module, params: dict[str, Tensor], batch: Any) -> Rows:
         x, y = self._unpack(batch)
-        out = call_with_inputs(model, params, x)
+        try:
+            out = call_with_inputs(model, params, x)
+        except RuntimeError as err:
+            # Integer inputs cannot be refused before the forward pass (embedding layers
+            # take them); when the model fails on one, say which input in our words.
+            inputs = self.input_tensors(batch)
+            explained = explain_input_dtype_error(err, inputs, model_dtype(model))
+            if explained is None:
+                raise
+            raise explained from err
         if not isinstance(out, Tensor):
             raise TypeError(f"the model must return a tensor, got {type(out).__name__}")
         n = int(y.shape[0])

@@ -25,30 +25,47 @@ _DTYPE_WIDTH = {
 }
 
 
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the model computes in: that of most of its floating parameter entries.
+
+    A bf16 model with fp32 norms is a bf16 model; its floating inputs must be bf16.
+    ``torch.float32`` (torch's default) for a model without floating parameters.
+    """
+    counts: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        if p.is_floating_point():
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return max(counts, key=counts.__getitem__) if counts else torch.float32
+
+
 def select_parameters(
-    model: nn.Module, params: Sequence[nn.Parameter | str] | None = None
+    model: nn.Module, params: Sequence[nn.Parameter | str] | nn.Parameter | str | None = None
 ) -> tuple[list[str], list[nn.Parameter]]:
     """Resolve a parameter selection against a model.
 
     Args:
         model: The module whose parameters are selected.
-        params: ``None`` (all parameters that require grad), a sequence of parameter
-            objects of ``model``, or a sequence of names / glob patterns
-            (``"fc1.*"``, ``"*.bias"``) matched against ``model.named_parameters()``.
+        params: ``None`` (all parameters that require grad), parameter objects of
+            ``model``, or names / glob patterns (``"fc1.*"``, ``"*.bias"``) matched
+            against ``model.named_parameters()``; a sequence of them, or one (a bare
+            string is one pattern, a bare tensor one parameter).
 
     Returns:
         The selected names and parameters, in the model's parameter order.
 
     Raises:
         ValueError: If a pattern matches nothing, a parameter is not in the model,
-            an entry is selected twice, or the selection is empty.
+            an entry is selected twice, a selected parameter is frozen
+            (``requires_grad=False``: it cannot be differentiated), or the selection is
+            empty.
         TypeError: If a selected parameter is not floating point or entries mix kinds.
     """
     named = list(model.named_parameters())
     if params is None:
         chosen = [(n, p) for n, p in named if p.requires_grad]
     else:
-        params = list(params)
+        # One pattern or one parameter, not the characters of a string / rows of a tensor.
+        params = [params] if isinstance(params, (str, Tensor)) else list(params)
         if all(isinstance(p, str) for p in params):
             chosen_names: set[str] = set()
             for pattern in params:
@@ -72,6 +89,13 @@ def select_parameters(
             chosen = [(n, p) for n, p in named if id(p) in seen]
         else:
             raise TypeError("`params` must be parameters of the model or names/glob patterns")
+        for n, p in chosen:
+            if not p.requires_grad:
+                raise ValueError(
+                    f"parameter {n!r} is selected in `params` but frozen (requires_grad=False), "
+                    "so it cannot be differentiated; unfreeze it with "
+                    "requires_grad_(True) or leave it out of `params`"
+                )
     if not chosen:
         raise ValueError("the parameter selection is empty (no parameter requires grad?)")
     for n, p in chosen:
