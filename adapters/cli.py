@@ -13,6 +13,12 @@ directory (loaded with ``local_files_only=True``; no hub access).
 
 ``curvops bench`` runs :mod:`curvops.validation.bench`.
 
+Exit status: 0 success; 1 some validation rows failed; 2 usage error (a bad or
+inapplicable option, an ``--out`` folder that cannot be written, an unknown model),
+found before any work; 3 runtime error (an input curvops refuses, a user factory that
+raises, any other error during the run); 130 interrupted. Errors print one line;
+``--debug`` adds the traceback.
+
 Also runnable as ``python -m curvops.adapters.cli``.
 """
 
@@ -23,21 +29,73 @@ import importlib
 import json
 import math
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main"]
+__all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_RUNTIME", "EXIT_USAGE", "main"]
+
+EXIT_FAILED = 1  # validation rows failed
+EXIT_USAGE = 2  # argparse's code for usage errors; ours share it
+EXIT_RUNTIME = 3
+EXIT_INTERRUPTED = 130  # the shell's code for SIGINT
 
 _OPERATORS = ("hessian", "ggn", "ef", "fisher_mc")
 _DTYPES = {"float64": "float64", "float32": "float32", "bfloat16": "bfloat16"}
+# Synthetic token data for transformers models (spectrum --sequences / --seq-len).
+_HF_SEQUENCES = 4
+_HF_SEQ_LEN = 16
+
+_EPILOG = """exit status:
+  0    success
+  1    validation rows failed (validate)
+  2    usage error: a bad or inapplicable option, an unwritable --out, an unknown model
+       (found before any work)
+  3    runtime error: an input curvops refuses, a user factory that raises, any other
+       error during the run
+  130  interrupted (Ctrl-C)
+errors print one line; --debug adds the traceback"""
+
+
+class UsageError(Exception):
+    """A command line that cannot work, found before any work (exit status 2)."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="curvops", description=__doc__.split("\n\n")[0])
+    formatter = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="curvops", description=__doc__.split("\n\n")[0],
+                                epilog=_EPILOG, formatter_class=formatter)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true",
+                        help="print the full traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
 
-    v = sub.add_parser("validate", help="cross-validate every eigen-method on the model ladder")
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, parents=[common], epilog=_EPILOG,
+                              formatter_class=formatter)
+
+    v = command("validate", "cross-validate every eigen-method on the model ladder")
     v.add_argument("--quick", action="store_true",
                    help="tiny fp64 MLP and CNN + a small bf16 check (< 2 min on 2 cores)")
     v.add_argument("--out", default="validation-report", help="output folder")
@@ -48,25 +106,29 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--no-progress", action="store_true", help="no progress bar")
     v.add_argument("--seed", type=int, default=0)
 
-    s = sub.add_parser("spectrum", help="top-k eigenvalues of a model as the seed's JSON dict")
+    s = command("spectrum", "top-k eigenvalues of a model as the seed's JSON dict")
     s.add_argument("model", nargs="?", default=None,
                    help="zoo name, package.module:factory, or a local HF directory")
     s.add_argument("--model", dest="model_option", default=None, metavar="MODEL",
                    help="the same, as an option (give it one way only)")
     s.add_argument("--operator", default="ggn", choices=_OPERATORS)
-    s.add_argument("--k", type=int, default=5)
-    s.add_argument("--max-iter", type=int, default=100)
-    s.add_argument("--tol", type=float, default=1e-8)
+    s.add_argument("--k", type=_positive_int, default=5)
+    s.add_argument("--max-iter", type=_positive_int, default=100)
+    s.add_argument("--tol", type=_non_negative_float, default=1e-8)
     s.add_argument("--reorth", default=None, choices=("full", "selective", "partial", "none"))
     s.add_argument("--dtype", default=None, choices=tuple(_DTYPES),
-                   help="zoo models: build in this dtype (default float32)")
+                   help="zoo models (default float32) and HF directories: the model's dtype")
     s.add_argument("--density", action="store_true", help="add the SLQ spectral density")
     s.add_argument("--trace", action="store_true", help="add a Hutchinson trace estimate")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--sequences", type=int, default=4, help="HF models: synthetic sequences")
-    s.add_argument("--seq-len", type=int, default=16, help="HF models: tokens per sequence")
+    s.add_argument("--sequences", type=_positive_int, default=None,
+                   help=f"transformers models only: synthetic sequences (default "
+                        f"{_HF_SEQUENCES})")
+    s.add_argument("--seq-len", type=_positive_int, default=None,
+                   help=f"transformers models only: tokens per sequence (default "
+                        f"{_HF_SEQ_LEN}; at most the model's positions)")
 
-    b = sub.add_parser("bench", help="benchmarks against peers (writes validation/results)")
+    b = command("bench", "benchmarks against peers (writes validation/results)")
     b.add_argument("--quick", action="store_true", help="small sizes only (smoke run)")
     b.add_argument("--parts", nargs="+", default=None,
                    choices=("products", "lanczos", "power", "scaling"))
@@ -77,13 +139,20 @@ def _parser() -> argparse.ArgumentParser:
 # --- validate -------------------------------------------------------------------------------
 def _validate(args: argparse.Namespace) -> int:
     from curvops.validation.ladder import FULL_LADDER, QUICK_LADDER, run_ladder, select_rungs
-    from curvops.validation.report import format_row, write_report
+    from curvops.validation.report import format_row, prepare_output_folder, write_report
 
-    rungs = select_rungs(QUICK_LADDER if args.quick else FULL_LADDER, args.models,
-                         args.operators)
+    try:
+        rungs = select_rungs(QUICK_LADDER if args.quick else FULL_LADDER, args.models,
+                             args.operators)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
     if not rungs:
-        print("nothing to validate: no rung has these models and operators", file=sys.stderr)
-        return 2
+        raise UsageError("nothing to validate: no rung has these models and operators")
+    try:  # before the run, not after it
+        prepare_output_folder(args.out)
+    except OSError as err:
+        raise UsageError(f"--out {args.out}: cannot write a report there "
+                         f"({err.strerror or err})") from err
     write = print
     if not args.no_progress:
         try:
@@ -105,23 +174,40 @@ def _validate(args: argparse.Namespace) -> int:
     for row in bad:
         print(f"FAILED: {row['rung']} {row['model']} {row['operator']} {row['method']}: "
               f"rel_error={row['rel_error']} tol={row['tolerance']} {row['note']}")
-    return 0 if run.passed else 1
+    return 0 if run.passed else EXIT_FAILED
 
 
 # --- spectrum -------------------------------------------------------------------------------
 def _load_factory(spec: str) -> Any:
+    """Import ``package.module:factory`` and call it; its own errors are runtime errors."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise ValueError(f"expected package.module:factory, got {spec!r}")
+        raise UsageError(f"expected package.module:factory, got {spec!r}")
     sys.path.insert(0, str(Path.cwd()))
     try:
         module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name is not None and (module_name == err.name
+                                     or module_name.startswith(err.name + ".")):
+            raise UsageError(f"no module named {err.name!r} (from {spec!r})") from err
+        raise
     finally:
         sys.path.pop(0)
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise ValueError(f"{module_name} has no callable {attr!r}")
-    return factory()
+        raise UsageError(f"{module_name} has no callable {attr!r}")
+    try:
+        return factory()
+    except Exception as err:
+        raise RuntimeError(f"the factory {spec} raised {type(err).__name__}: {err}") from err
+
+
+def _refuse_options(args: argparse.Namespace, options: Sequence[str], why: str) -> None:
+    """Refuse options that were given but do not apply (rather than ignore them)."""
+    given = [o for o in options if getattr(args, o.lstrip("-").replace("-", "_")) is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply "
+                         f"to {why}")
 
 
 def _hf_problem(model: Any, args: argparse.Namespace) -> tuple[Any, Any, Any]:
@@ -131,14 +217,21 @@ def _hf_problem(model: Any, args: argparse.Namespace) -> tuple[Any, Any, Any]:
     :func:`curvops.adapters.hf.hf_objective`, token-normalised.
     """
     import torch
+    from curvops.adapters.hf import model_limits
     from curvops.validation.zoo import token_data
 
-    vocab = int(model.config.vocab_size)
-    data = token_data(args.sequences, args.seq_len, vocab, seed=args.seed)
+    sequences = args.sequences or _HF_SEQUENCES
+    seq_len = args.seq_len or _HF_SEQ_LEN
+    vocab, positions, _ = model_limits(model)
+    if positions is not None and seq_len > positions:
+        raise UsageError(f"--seq-len {seq_len} is longer than the model's {positions} "
+                         "positions (config.n_positions / max_position_embeddings)")
+    data = token_data(sequences, seq_len, int(vocab or model.config.vocab_size),
+                      seed=args.seed)
     if type(model).__name__.endswith("ForSequenceClassification"):
         # One class per sequence, drawn from the seed, in place of the token labels.
         gen = torch.Generator().manual_seed(args.seed)
-        classes = torch.randint(0, int(model.config.num_labels), (args.sequences,),
+        classes = torch.randint(0, int(model.config.num_labels), (sequences,),
                                 generator=gen)
         data = [{**batch, "labels": classes} for batch in data]
     return model.eval(), None, data
@@ -150,6 +243,8 @@ def _resolve_model(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
 
     spec = args.model
     if spec in ZOO:
+        _refuse_options(args, ("--sequences", "--seq-len"),
+                        f"the zoo model {spec!r} (it brings its own data)")
         dtype = getattr(torch, args.dtype or "float32")
         p = build(spec, dtype, args.seed)
         return p.model, p.loss_fn, p.data, f"zoo:{spec}"
@@ -171,13 +266,17 @@ def _resolve_model(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
             model = model.to(getattr(torch, args.dtype))
         return (*_hf_problem(model, args), f"hf-dir:{spec}")
     if ":" in spec:
+        _refuse_options(args, ("--dtype",), "a factory (it builds the model in its dtype)")
         made = _load_factory(spec)
         if isinstance(made, tuple) and len(made) == 3:
+            _refuse_options(args, ("--sequences", "--seq-len"),
+                            f"{spec}: it returns its own data")
             return (*made, f"factory:{spec}")
         if hasattr(made, "config") and hasattr(made.config, "vocab_size"):
             return (*_hf_problem(made, args), f"factory:{spec}")
-        raise TypeError(f"{spec} must return (model, loss_fn, data) or a transformers model")
-    raise ValueError(f"{spec!r} is not a zoo model ({', '.join(ZOO)}), an existing directory, "
+        raise TypeError(f"{spec} must return (model, loss_fn, data) or a transformers model, "
+                        f"got {type(made).__name__}")
+    raise UsageError(f"{spec!r} is not a zoo model ({', '.join(ZOO)}), an existing directory, "
                      "or package.module:factory")
 
 
@@ -209,11 +308,9 @@ def _spectrum(args: argparse.Namespace) -> int:
     from curvops.solvers import seed_api
 
     if (args.model is None) == (args.model_option is None):
-        raise ValueError("give the model once: `curvops spectrum MODEL` or "
+        raise UsageError("give the model once: `curvops spectrum MODEL` or "
                          "`curvops spectrum --model MODEL`")
     args.model = args.model if args.model is not None else args.model_option
-    if args.k < 1:
-        raise ValueError(f"--k must be >= 1, got {args.k}")
     model, loss_fn, data, source = _resolve_model(args)
     kwargs: dict[str, Any] = {"tol": args.tol, "seed": args.seed}
     if loss_fn is not None:
@@ -269,18 +366,44 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_line(err: BaseException) -> str:
+    """The error as one line; our messages (usage, ValueError, TypeError) need no type name."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    ours = (UsageError, ValueError, TypeError, RuntimeError)
+    return text if isinstance(err, ours) else f"{type(err).__name__}: {text}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``curvops`` command; returns the exit status."""
-    args = _parser().parse_args(argv)
+    """Entry point of the ``curvops`` command; returns the exit status.
+
+    0 success, 1 failed validation rows, 2 usage error (argparse's, and the checks of the
+    options before any work), 3 runtime error, 130 interrupted. Errors print one line on
+    stderr; ``--debug`` prints the traceback too.
+    """
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exit_:  # argparse: --help (0) and usage errors (2)
+        return exit_.code if isinstance(exit_.code, int) else (
+            0 if exit_.code is None else EXIT_USAGE)
+    prefix = f"curvops {args.command}: error:"
     try:
         if args.command == "validate":
             return _validate(args)
         if args.command == "spectrum":
             return _spectrum(args)
         return _bench(args)
-    except (ValueError, TypeError, ImportError) as err:
-        print(f"curvops {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except UsageError as err:
+        print(f"{prefix} {_one_line(err)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"curvops {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        if args.debug:
+            traceback.print_exc()
+        hint = "" if args.debug else " (--debug shows the traceback)"
+        print(f"{prefix} {_one_line(err)}{hint}", file=sys.stderr)
+        return EXIT_RUNTIME
 
 
 if __name__ == "__main__":

@@ -27,6 +27,14 @@ are required (``-100`` on unmasked positions). Sequence classification: one labe
 sequence, ``labels`` of shape ``(N,)`` (regression and multi-label models use
 squared error / BCE-with-logits rows instead of cross-entropy).
 
+**Limits of the model.** Objectives made by :func:`hf_objective` know the model's
+vocabulary size, its number of positions (``n_positions`` / ``max_position_embeddings``)
+and its ``pad_token_id``. Token ids outside the vocabulary and sequences longer than the
+positions are refused with a ``ValueError`` when the data is counted, before any forward
+pass. A batch without ``attention_mask`` whose ``input_ids`` hold the pad token counts the
+pad tokens as real tokens: a ``UserWarning`` says so once per objective (a ``ValueError``
+with ``strict_padding=True``).
+
 **Attention kernels.** Fused SDPA kernels (flash, memory-efficient, CPU flash)
 support neither double backward nor forward-mode AD. Every product runs under
 :meth:`LanguageModelObjective.product_context`, which selects SDPA's math backend and
@@ -39,12 +47,14 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..linops.checks import as_integer
 from ..linops.losses import LossKind
 from ..linops.objective import Count, Objective, Rows, call_with_inputs
 
@@ -53,6 +63,7 @@ __all__ = [
     "attention_product_context",
     "hf_objective",
     "is_hf_model",
+    "model_limits",
 ]
 
 TASKS = ("causal_lm", "masked_lm", "sequence_classification")
@@ -79,6 +90,17 @@ def is_hf_model(model: Any) -> bool:
         cls.__name__ == "PreTrainedModel" and cls.__module__.startswith("transformers")
         for cls in type(model).__mro__
     )
+
+
+def _optional_int(name: str, value: Any, minimum: int | None = None) -> int | None:
+    """None, or ``value`` as a Python int (numpy integers too) of at least ``minimum``."""
+    if value is None:
+        return None
+    number = as_integer(value)
+    if number is None or (minimum is not None and number < minimum):
+        bound = "" if minimum is None else f" >= {minimum}"
+        raise ValueError(f"{name} must be None or an int{bound}, got {value!r}")
+    return number
 
 
 # --- attention kernels --------------------------------------------------------------------
@@ -131,6 +153,16 @@ class LanguageModelObjective(Objective):
         problem_type: Sequence classification only: ``"single_label_classification"``
             (cross-entropy, default), ``"regression"`` (squared error on float labels) or
             ``"multi_label_classification"`` (BCE with logits on float labels).
+        vocab_size: Token ids must lie in ``[0, vocab_size)``; None skips the check.
+        max_positions: Sequences may have at most this many tokens (and ``position_ids``
+            must stay below it); None skips the check.
+        pad_token_id: The pad token, for the padding-without-mask check; None skips it.
+        strict_padding: Refuse (``ValueError``) instead of warning once when a batch
+            without ``attention_mask`` holds pad tokens that would count as targets.
+
+    :func:`hf_objective` fills ``vocab_size``, ``max_positions`` and ``pad_token_id`` from
+    the model. The first two are checked when the data is counted (at construction of an
+    operator, before any forward pass).
 
     Attributes:
         kind: The row loss (cross-entropy for language models).
@@ -145,7 +177,18 @@ class LanguageModelObjective(Objective):
         normalization: str = "token",
         *,
         problem_type: str | None = None,
+        vocab_size: int | None = None,
+        max_positions: int | None = None,
+        pad_token_id: int | None = None,
+        strict_padding: bool = False,
     ) -> None:
+        self.vocab_size = _optional_int("vocab_size", vocab_size, minimum=1)
+        self.max_positions = _optional_int("max_positions", max_positions, minimum=1)
+        self.pad_token_id = _optional_int("pad_token_id", pad_token_id)
+        if not isinstance(strict_padding, bool):
+            raise TypeError(f"strict_padding must be a bool, got {strict_padding!r}")
+        self.strict_padding = strict_padding
+        self._warned_padding = False
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
         if normalization not in NORMALIZATIONS:
@@ -261,10 +304,80 @@ class LanguageModelObjective(Objective):
             y = y.masked_fill(mask == 0, IGNORE_INDEX)
         return y
 
+    def _limit_problem(
+        self, batch: Mapping[str, Any], vocab_size: int | None, max_positions: int | None
+    ) -> str | None:
+        """What in ``batch`` lies beyond the model's vocabulary or positions, or None."""
+        ids = batch["input_ids"]
+        where = f"a batch with input_ids of shape {tuple(ids.shape)}"
+        if vocab_size is not None:
+            outside = (ids < 0) | (ids >= vocab_size)
+            if bool(outside.any()):
+                i, t = (int(x) for x in outside.nonzero()[0])
+                return (
+                    f"{where}: input_ids[{i}, {t}] = {int(ids[i, t])} lies outside the "
+                    f"vocabulary [0, {vocab_size}) of the model (config.vocab_size); largest "
+                    f"id {int(ids.max())}, smallest {int(ids.min())}"
+                )
+        if max_positions is not None:
+            length = int(ids.shape[1])
+            if length > max_positions:
+                return (
+                    f"{where}: sequences of {length} tokens are longer than the model's "
+                    f"{max_positions} positions (config.n_positions / "
+                    "max_position_embeddings); cut or split the sequences"
+                )
+            pos = batch.get("position_ids")
+            if isinstance(pos, Tensor) and pos.numel() and int(pos.max()) >= max_positions:
+                return (
+                    f"{where}: position_ids reach {int(pos.max())}, beyond the model's "
+                    f"{max_positions} positions (config.n_positions / max_position_embeddings)"
+                )
+        return None
+
+    def _check_padding(self, batch: Mapping[str, Any], labels: Tensor | None) -> None:
+        """Warn once (or refuse) when pad tokens of a mask-less batch count as real tokens."""
+        if self.pad_token_id is None or batch.get("attention_mask") is not None:
+            return
+        if self._warned_padding and not self.strict_padding:
+            return
+        pads = batch["input_ids"] == self.pad_token_id
+        if labels is not None and self.task != "sequence_classification":
+            pads = pads & (labels != IGNORE_INDEX)  # -100 labels already remove them
+        count = int(pads.sum())
+        if not count:
+            return
+        fix = ("pass attention_mask (0 at padding)" if self.task == "sequence_classification"
+               else "pass attention_mask (0 at padding) or set labels to -100 at pad positions")
+        message = (
+            f"input_ids hold {count} pad tokens (pad_token_id={self.pad_token_id}) in a batch "
+            f"without attention_mask: they count as real tokens (attended to and used as "
+            f"targets), which changes the loss and its curvature; {fix}"
+        )
+        if self.strict_padding:
+            raise ValueError(message)
+        self._warned_padding = True
+        warnings.warn(
+            message + " (shown once; strict_padding=True refuses such batches)",
+            UserWarning, stacklevel=3,
+        )
+
     # --- Objective interface --------------------------------------------------------------
     def count(self, batch: Any) -> Count:
-        """Sequences and target tokens (loss terms) of ``batch``."""
+        """Sequences and target tokens (loss terms) of ``batch``.
+
+        Also checks the token ids and lengths against the model's limits and the padding
+        (the operators count every batch before their first product).
+
+        Raises:
+            ValueError: For token ids outside the vocabulary, sequences longer than the
+                model's positions, and (``strict_padding``) pad tokens without a mask.
+        """
         y = self.targets(batch)
+        problem = self._limit_problem(batch, self.vocab_size, self.max_positions)
+        if problem is not None:
+            raise ValueError(problem)
+        self._check_padding(batch, batch.get("labels"))
         n = int(batch["input_ids"].shape[0])
         if self.task == "sequence_classification" and self.kind.name != "cross_entropy":
             return Count(n, int(y.numel()))
@@ -318,7 +431,15 @@ class LanguageModelObjective(Objective):
         """Forward the batch; the rows are the kept target positions' logits."""
         y = self.targets(batch)
         n = int(batch["input_ids"].shape[0])
-        out = call_with_inputs(model, params, self.model_inputs(model, batch))
+        try:
+            out = call_with_inputs(model, params, self.model_inputs(model, batch))
+        except (IndexError, RuntimeError) as err:
+            # An objective not made from this model has no limits: explain torch's index
+            # error from the model's own config when it is the cause.
+            problem = self._limit_problem(batch, *model_limits(model)[:2])
+            if problem is not None:
+                raise ValueError(problem) from err
+            raise
         logits = out["logits"] if isinstance(out, Mapping) else getattr(out, "logits", out)
         if isinstance(logits, (tuple, list)):
             logits = logits[0]
@@ -406,13 +527,49 @@ def _task_of(model: nn.Module) -> str:
     )
 
 
-def hf_objective(model: nn.Module, normalization: str = "token") -> LanguageModelObjective:
+def model_limits(model: nn.Module) -> tuple[int | None, int | None, int | None]:
+    """``(vocabulary size, number of positions, pad token id)`` of a transformers model.
+
+    The vocabulary is the input embedding's number of rows (``config.vocab_size`` if the
+    model has no ``get_input_embeddings``); positions are ``config.n_positions`` or
+    ``config.max_position_embeddings``. Each is None where the model does not say.
+    """
+    cfg = getattr(model, "config", None)
+    vocab = None
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    if callable(get_embeddings):
+        with contextlib.suppress(Exception):  # models without input embeddings raise
+            vocab = getattr(get_embeddings(), "num_embeddings", None)
+    if vocab is None:
+        vocab = getattr(cfg, "vocab_size", None)
+    positions = None
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            positions = value
+            break
+    pad = getattr(cfg, "pad_token_id", None)
+    return (
+        vocab if isinstance(vocab, int) else None,
+        positions,
+        pad if isinstance(pad, int) and not isinstance(pad, bool) else None,
+    )
+
+
+def hf_objective(
+    model: nn.Module, normalization: str = "token", *, strict_padding: bool = False
+) -> LanguageModelObjective:
     """The :class:`LanguageModelObjective` for a transformers model, from its class.
+
+    The objective knows the model's vocabulary size, positions and pad token
+    (:func:`model_limits`), so token ids and lengths are checked when the data is counted.
 
     Args:
         model: A transformers causal LM (``*ForCausalLM``, ``*LMHeadModel``), masked LM
             (``*ForMaskedLM``) or sequence classifier (``*ForSequenceClassification``).
         normalization: ``"token"`` (default), ``"sequence"`` or ``"sum"``.
+        strict_padding: Refuse batches without ``attention_mask`` that hold pad tokens
+            (default: warn once).
 
     Raises:
         TypeError: For a model of another kind.
@@ -424,4 +581,8 @@ def hf_objective(model: nn.Module, normalization: str = "token") -> LanguageMode
         problem_type = getattr(cfg, "problem_type", None)
         if problem_type is None and getattr(cfg, "num_labels", 2) == 1:
             problem_type = "regression"
-    return LanguageModelObjective(task, normalization, problem_type=problem_type)
+    vocab_size, max_positions, pad_token_id = model_limits(model)
+    return LanguageModelObjective(
+        task, normalization, problem_type=problem_type, vocab_size=vocab_size,
+        max_positions=max_positions, pad_token_id=pad_token_id, strict_padding=strict_padding,
+    )

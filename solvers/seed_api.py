@@ -51,6 +51,7 @@ from ..linops import (
     HessianOperator,
     select_parameters,
 )
+from ..linops.checks import as_integer, as_real
 from ..linops.data import DataSource
 from ..linops.objective import Objective, as_objective
 from .lanczos import LanczosConfig, LanczosResult, lanczos
@@ -89,16 +90,70 @@ _OPTIONS = {
 
 # --- argument handling ---------------------------------------------------------------------
 def _options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keyword options with defaults filled in; numbers (numpy scalars too) as Python's."""
     unknown = sorted(set(kwargs) - set(_OPTIONS))
     if unknown:
         raise TypeError(f"unexpected keyword argument(s) {unknown}; accepted: {sorted(_OPTIONS)}")
-    return {**_OPTIONS, **kwargs}
+    opts = {**_OPTIONS, **kwargs}
+    if opts["tol"] is not None:
+        opts["tol"] = _tol_arg(opts["tol"])
+    if opts["seed"] is not None:
+        opts["seed"] = _int_arg("seed", opts["seed"])
+    opts["mc_samples"] = _int_arg("mc_samples", opts["mc_samples"], 1)
+    if opts["memory_budget_bytes"] is not None:
+        opts["memory_budget_bytes"] = _int_arg(
+            "memory_budget_bytes", opts["memory_budget_bytes"], minimum=1
+        )
+    if opts["micro_batch_size"] not in (None, "auto"):
+        opts["micro_batch_size"] = _int_arg("micro_batch_size", opts["micro_batch_size"], 1)
+    return opts
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
+def _int_arg(name: str, value: Any, minimum: int | None = None) -> int:
+    """``value`` as a Python int (numpy integers too); refuse bools, floats and strings."""
+    out = as_integer(value)
+    if out is None:
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if minimum is not None and out < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {out}")
+    return out
+
+
+def _tol_arg(value: Any) -> float:
+    """``tol`` as a Python float (numpy scalars too), finite and >= 0."""
+    out = as_real(value)
+    if out is None:
+        raise TypeError(f"tol must be a real number, got {value!r} ({type(value).__name__})")
+    if not (math.isfinite(out) and out >= 0):
+        raise ValueError(f"tol must be a finite number >= 0, got {out}")
+    return out
+
+
+def _config(config: Any) -> LanczosConfig | None:
+    """``config`` as a :class:`LanczosConfig`: one as it is, or a dict of its fields.
+
+    Numpy scalars among a dict's values become Python numbers.
+
+    Raises:
+        TypeError: For another type, or a dict with keys that are not ``LanczosConfig``
+            fields (named in the message).
+    """
+    if config is None or isinstance(config, LanczosConfig):
+        return config
+    if isinstance(config, Mapping):
+        fields = [f.name for f in dataclasses.fields(LanczosConfig)]
+        unknown = [key for key in config if key not in fields]
+        if unknown:
+            raise TypeError(
+                f"config has unknown key(s) {', '.join(map(repr, unknown))}; "
+                f"LanczosConfig fields are: {', '.join(fields)}"
+            )
+        return LanczosConfig(
+            **{key: v.item() if isinstance(v, np.generic) else v for key, v in config.items()}
+        )
+    raise TypeError(
+        f"config must be a LanczosConfig or a dict of its fields, got {type(config).__name__}"
+    )
 
 
 def _check_no_dropout_in_train_mode(model: nn.Module) -> None:
@@ -214,9 +269,9 @@ def _spectrum(
     t0 = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    k = _positive_int("k", k)
+    k = _int_arg("k", k, 1)
     if max_iter is not None:
-        max_iter = _positive_int("max_iter", max_iter)
+        max_iter = _int_arg("max_iter", max_iter, 1)
     op_cls, op_kwargs, operator_used = _operator_spec(operator_type, ggn_mode)
     which = opts["which"] or (config.which if config is not None else "LA")
     if op_cls is FisherOperator:
@@ -246,7 +301,7 @@ def _spectrum(
         )
         mbs = plan.micro_batch_size
     elif mbs is not None:
-        mbs = _positive_int("micro_batch_size", mbs)
+        mbs = _int_arg("micro_batch_size", mbs, 1)
     elif opts["memory_budget_bytes"] is not None:
         raise ValueError("memory_budget_bytes needs micro_batch_size='auto'")
 
@@ -376,7 +431,7 @@ def compute_fisher_eigenvalues_lanczos(
     max_iter: int = 20,
     use_ggn: bool = True,
     ggn_mode: str = "empirical",
-    config: LanczosConfig | None = None,
+    config: LanczosConfig | Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
     r"""Top eigenvalues of a Fisher-type matrix by Lanczos (the seed's entry point).
@@ -394,7 +449,8 @@ def compute_fisher_eigenvalues_lanczos(
         max_iter: Hard cap on Lanczos iterations (stops earlier once converged).
         use_ggn: ``False`` selects the empirical Fisher whatever ``ggn_mode`` says.
         ggn_mode: ``"empirical"``, ``"true"``, ``"mc"`` or ``"auto"``.
-        config: A :class:`LanczosConfig`; ``k`` and ``max_iter`` arguments win over its fields.
+        config: A :class:`LanczosConfig` or a dict of its fields (unknown keys raise
+            ``TypeError``); ``k`` and ``max_iter`` arguments win over its fields.
         **kwargs: ``loss_fn``, ``normalization`` (``"token"`` | ``"sequence"`` | ``"sum"``),
             ``params``, ``micro_batch_size`` (int, None or ``"auto"``), ``memory_budget_bytes``,
             ``which``, ``tol``, ``seed``, ``reorth``, ``dtype_compute``, ``mc_samples``,
@@ -413,6 +469,7 @@ def compute_fisher_eigenvalues_lanczos(
     """
     if ggn_mode not in GGN_MODES:
         raise ValueError(f"ggn_mode must be one of {GGN_MODES}, got {ggn_mode!r}")
+    config = _config(config)
     opts = _options(kwargs)
     mode = "empirical" if not use_ggn else ggn_mode
     result, _, _ = _spectrum(
@@ -428,7 +485,7 @@ def compute_hessian_eigenvalues_lanczos(
     data_batch: Any,
     k: int = 5,
     max_iter: int = 20,
-    config: LanczosConfig | None = None,
+    config: LanczosConfig | Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
     r"""Eigenvalues of the Hessian :math:`\nabla^2 L` by Lanczos.
@@ -444,13 +501,15 @@ def compute_hessian_eigenvalues_lanczos(
         data_batch: One batch or a re-iterable of batches.
         k: Number of eigenvalues.
         max_iter: Hard cap on Lanczos iterations (per run).
-        config: A :class:`LanczosConfig`; ``k`` and ``max_iter`` win over its fields.
+        config: A :class:`LanczosConfig` or a dict of its fields; ``k`` and ``max_iter`` win
+            over its fields.
         **kwargs: As for :func:`compute_fisher_eigenvalues_lanczos`.
 
     Returns:
         The seed's keys plus ``has_negative_eigenvalues``, ``smallest_eigenvalue`` and its
         residual, and the metadata.
     """
+    config = _config(config)
     opts = _options(kwargs)
     result, op, res = _spectrum(
         model, data_batch, operator_type="hessian", ggn_mode=None, k=k, max_iter=max_iter,
@@ -468,7 +527,7 @@ def compute_spectrum(
     model: nn.Module,
     batch: Any,
     operator_type: str = "ggn",
-    config: LanczosConfig | None = None,
+    config: LanczosConfig | Mapping[str, Any] | None = None,
     ggn_mode: str | None = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
@@ -484,7 +543,7 @@ def compute_spectrum(
         model: The model.
         batch: One batch or a re-iterable of batches.
         operator_type: Which operator.
-        config: Solver settings.
+        config: Solver settings: a :class:`LanczosConfig` or a dict of its fields.
         ggn_mode: ``None`` (exact), ``"empirical"``, ``"true"``, ``"mc"`` or ``"auto"``.
         **kwargs: As for :func:`compute_fisher_eigenvalues_lanczos`, plus ``k`` and
             ``max_iter`` (which win over the config's).
@@ -492,6 +551,7 @@ def compute_spectrum(
     Returns:
         The seed's result dict (Hessian: with ``has_negative_eigenvalues``).
     """
+    config = _config(config)
     defaults = config if config is not None else LanczosConfig()
     k = kwargs.pop("k", defaults.k)
     max_iter = kwargs.pop("max_iter", defaults.max_iters)

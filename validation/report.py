@@ -11,14 +11,23 @@ made with matplotlib's Agg backend (the ``plot`` extra):
   the reference as dashed lines, and the error of each of the top-k values;
 * ``density_<rung>_<model>_<operator>.png`` — the SLQ spectral density, over the
   histogram of the dense spectrum when there is one.
+
+Every file is written atomically (a temporary file in the same folder, then
+``os.replace``), and the files of a previous report in the folder are removed first, so
+an interrupted run leaves no truncated file and no stale report beside new figures.
+``report.md`` is written last: its presence means the report is complete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import platform
-from collections.abc import Sequence
+import secrets
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +38,7 @@ from .crosscheck import METHODS, MethodRunner
 from .ladder import CheckRecord, LadderRun
 
 __all__ = ["ROW_KEYS", "compact_markdown_table", "format_row", "markdown_table",
-           "write_report"]
+           "prepare_output_folder", "write_report"]
 
 SCHEMA = "curvops.validation/1"
 ROW_KEYS = (
@@ -117,6 +126,64 @@ def _meta(run: LadderRun, quick: bool) -> dict[str, Any]:
     }
 
 
+# --- files --------------------------------------------------------------------------------
+_FIGURE_PREFIXES = ("spectrum_", "convergence_", "density_")
+_TEMP_SUFFIX = ".curvops-tmp"
+
+
+def prepare_output_folder(out_dir: str | Path) -> Path:
+    """Create ``out_dir`` if needed and check that a file can be written there.
+
+    Called before a run, so that a bad ``--out`` fails at once rather than after the run.
+
+    Raises:
+        OSError: When the folder cannot be created (a file in the way, no permission) or is
+            not writable.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=out):  # a real write: os.access misjudges some mounts
+        pass
+    return out
+
+
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` that replaces it on success and vanishes on error.
+
+    A write interrupted at any point (Ctrl-C included) leaves ``path`` as it was.
+    """
+    # Not mkstemp: its files are private (0600), and os.replace would keep that mode.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{_TEMP_SUFFIX}")
+    tmp.touch(exist_ok=False)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_text(path: Path, text: str) -> None:
+    with _replacing(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def _remove_previous_report(out: Path) -> None:
+    """Delete the files a previous report left in ``out`` (only the names reports use)."""
+    (out / "report.md").unlink(missing_ok=True)  # first: the index of a complete report
+    (out / "results.json").unlink(missing_ok=True)
+    fig_dir = out / "figures"
+    stale = [*out.glob(f".*{_TEMP_SUFFIX}")]  # left by a killed process (no cleanup ran)
+    if fig_dir.is_dir():
+        stale += fig_dir.glob(f".*{_TEMP_SUFFIX}")
+        stale += [p for p in fig_dir.glob("*.png") if p.name.startswith(_FIGURE_PREFIXES)]
+    for p in stale:
+        p.unlink(missing_ok=True)
+
+
 # --- figures --------------------------------------------------------------------------------
 def _pyplot() -> Any:
     try:
@@ -136,6 +203,15 @@ def _slug(*parts: str) -> str:
 
 def _title(rec: CheckRecord) -> str:
     return f"{rec.model} · {rec.operator} · {rec.dtype} (n={rec.n})"
+
+
+def _save_figure(plt: Any, fig: Any, path: Path) -> None:
+    """Save ``fig`` as a PNG at ``path`` atomically and close it."""
+    try:
+        with _replacing(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def _spectrum_figure(plt: Any, rec: CheckRecord, path: Path) -> None:
@@ -158,8 +234,7 @@ def _spectrum_figure(plt: Any, rec: CheckRecord, path: Path) -> None:
     ax.set_title(f"top eigenvalues by method — {_title(rec)}", fontsize=9)
     ax.legend(fontsize=6, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_figure(plt, fig, path)
 
 
 def _convergence_figure(plt: Any, rec: CheckRecord, path: Path) -> bool:
@@ -197,8 +272,7 @@ def _convergence_figure(plt: Any, rec: CheckRecord, path: Path) -> bool:
     axes[1].legend(fontsize=5, ncol=2)
     fig.suptitle(f"Ritz-value convergence — {_title(rec)} (dashed: reference)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_figure(plt, fig, path)
     return True
 
 
@@ -218,8 +292,7 @@ def _density_figure(plt: Any, rec: CheckRecord, path: Path) -> bool:
     ax.set_title(f"spectral density — {_title(rec)}", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_figure(plt, fig, path)
     return True
 
 
@@ -257,14 +330,20 @@ def write_report(run: LadderRun, out_dir: str | Path, *, quick: bool = False,
                  figures: bool = True) -> dict[str, Any]:
     """Write ``report.md``, ``results.json`` and the figures of ``run`` into ``out_dir``.
 
+    The files of a previous report in ``out_dir`` are removed first; every file is written
+    atomically, ``report.md`` last.
+
     Returns:
         ``{"report": path, "results": path, "figures": [paths]}``.
+
+    Raises:
+        OSError: When ``out_dir`` cannot be created or written.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output_folder(out_dir)
+    _remove_previous_report(out)
     rows = [{key: row.get(key) for key in ROW_KEYS} for row in run.rows]
     results_path = out / "results.json"
-    results_path.write_text(json.dumps(_json_safe(
+    _write_text(results_path, json.dumps(_json_safe(
         {"schema": SCHEMA, "meta": _meta(run, quick), "rows": rows}), indent=1))
     fig_paths = write_figures(run, out) if figures else []
 
@@ -320,5 +399,5 @@ def write_report(run: LadderRun, out_dir: str | Path, *, quick: bool = False,
             md.append(f"![{p.stem}](figures/{p.name})")
         md.append("")
     report_path = out / "report.md"
-    report_path.write_text("\n".join(md))
+    _write_text(report_path, "\n".join(md))
     return {"report": report_path, "results": results_path, "figures": fig_paths}
