@@ -6,13 +6,8 @@ array, a torch tensor, or anything with ``shape`` and ``matvec``.
 
 from .blocks import assign_blocks, layer_block, layer_index, module_type
 from .fisher_spectral import FisherSpectral, SpectralConfig, stable_int_hash
-from .lanczos import (
-    LanczosCoefficients,
-    LanczosConfig,
-    LanczosResult,
-    lanczos,
-    lanczos_coefficients,
-)
+from .lanczos import LanczosConfig, LanczosResult, lanczos
+from .lanczos_coefficients import LanczosCoefficients, lanczos_coefficients
 from .linear_solve import (
     DiagonalPreconditioner,
     LowRankPreconditioner,

@@ -274,17 +274,30 @@ class KrylovBasis:
         w, h2 = self.cgs(w, j)
         return w, h1 + h2
 
-    def project_rows(self, idx: np.ndarray, w: torch.Tensor) -> torch.Tensor:
-        """One CGS pass of ``w`` against the rows ``idx`` (partial reorthogonalization)."""
-        if idx.size == 0:
-            return w
+    def row_coeffs(self, idx: np.ndarray, w: torch.Tensor) -> torch.Tensor:
+        """``V_idx w`` for ascending row indices ``idx`` (on ``w``'s device, no host sync)."""
+        wv = w.to(self.device)
+        return torch.cat([V.to(wv.dtype) @ wv for V in self._runs(idx)]).to(w.device)
+
+    def project_rows(
+        self, idx: np.ndarray, w: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """One CGS pass of ``w`` against the rows ``idx`` (partial reorthogonalization).
+
+        Returns:
+            ``(w, h, rows)``: ``w`` updated in place, the coefficients ``h`` it had along
+            ``rows`` (``idx`` sorted), for the record of the Lanczos relation.
+        """
+        rows = np.sort(np.asarray(idx, dtype=np.int64))
+        if rows.size == 0:
+            return w, w.new_zeros(0), rows
         # Classical: every coefficient from the same w, then one update per run of rows.
-        runs = list(self._runs(np.sort(idx)))
+        runs = list(self._runs(rows))
         wv = w.to(self.device)
         coeffs = [V.to(wv.dtype) @ wv for V in runs]
         for V, h in zip(runs, coeffs):
             w.addmv_(V.to(device=w.device, dtype=w.dtype).T, h.to(w.device), alpha=-1.0)
-        return w
+        return w, torch.cat(coeffs).to(w.device), rows
 
 
 def omega_update(
@@ -395,7 +408,9 @@ class SelectiveCache:
         # ~noise * eps ||A|| (see the omega-recurrence), and the loss it causes along a
         # Ritz vector, that rounding over its bound, must stay below sqrt(eps). Capped at
         # 0.1 (or sqrt(eps) where that is larger: bf16) so no rough vector counts as good.
-        self.good_bound = min(noise * math.sqrt(eps), max(math.sqrt(eps), 0.1))
+        self.noise = noise
+        self.good_bound = 0.0
+        self.set_precision(eps)
         self.values: list[float] = []
         self.coefficients: list[np.ndarray] = []
         # Stored like the Krylov basis (recycled blocks, no copy of the cache per addition).
@@ -405,6 +420,11 @@ class SelectiveCache:
     @property
     def count(self) -> int:
         return self._count
+
+    def set_precision(self, eps: float, boost: float = 1.0) -> None:
+        """Follow the process precision (raised as the run measures the operator);
+        ``boost`` > 1 admits rougher vectors after orthogonality was found lost."""
+        self.good_bound = min(boost * self.noise * math.sqrt(eps), max(math.sqrt(eps), 0.1))
 
     def new_good(
         self, theta: np.ndarray, S: np.ndarray, bounds: np.ndarray, tnorm: float
@@ -465,8 +485,12 @@ class SelectiveCache:
             self._count += 1
             self.values.append(float(theta_new[kept[r]]))
 
-    def project(self, w: torch.Tensor) -> torch.Tensor:
-        """Orthogonalize ``w`` against every good Ritz vector (one CGS pass; no sync)."""
+    def project(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Orthogonalize ``w`` against every good Ritz vector (one CGS pass; no sync).
+
+        Returns:
+            ``(w, d)``: ``w`` updated in place and its coefficients ``d`` along the cache.
+        """
         if self._count == 0:
-            return w
-        return self.Y.cgs(w, self._count)[0]
+            return w, w.new_zeros(0)
+        return self.Y.cgs(w, self._count)

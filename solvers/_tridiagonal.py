@@ -1,4 +1,4 @@
-r"""Ritz values of the Lanczos tridiagonal, their error bounds, and the Cullum–Willoughby test.
+r"""Ritz values of the Lanczos tridiagonal and their error bounds.
 
 Everything here is float64 numpy on the host: the tridiagonal
 
@@ -25,7 +25,6 @@ import scipy.linalg
 __all__ = [
     "EPS64",
     "convergence_thresholds",
-    "cullum_willoughby",
     "residual_bounds",
     "select_which",
     "tridiag_eigh",
@@ -122,87 +121,3 @@ def select_which(theta: np.ndarray, k: int, which: str) -> np.ndarray:
         chosen = np.concatenate([order[m - top :], order[:bottom]]) if bottom else order[m - top :]
         return chosen[np.argsort(-theta[chosen], kind="stable")]
     raise ValueError(f"unknown which={which!r}; expected one of {WHICH}")
-
-
-def cullum_willoughby(
-    alpha: np.ndarray,
-    beta: np.ndarray,
-    theta: np.ndarray | None = None,
-    rel_tol: float | None = None,
-    merge_rel_tol: float | None = None,
-    genuine: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray, int]:
-    r"""Cullum–Willoughby identification test for Lanczos without reorthogonalization.
-
-    Without reorthogonalization, :math:`T_m` has (a) good Ritz values, (b) numerically
-    multiple copies ("ghosts") of converged good values, and (c) spurious values.
-    Cullum and Willoughby (1985, ch. 4) show that the spurious ones are exactly the
-    *simple* eigenvalues of :math:`T_m` that are also eigenvalues of :math:`\hat T_m`
-    (:math:`T_m` without its first row and column): their Ritz vector has a negligible
-    component along the starting vector. The test:
-
-    1. merge eigenvalues of :math:`T_m` closer than the merge tolerance into one (ghosts);
-    2. among the simple ones, drop those within the tolerance of an eigenvalue of
-       :math:`\hat T_m`.
-
-    The two tolerances differ when the process is noisier than the arithmetic of
-    :math:`T` (a bf16 operator): ghost copies of one eigenvalue then agree only to about
-    the process precision :math:`\varepsilon_A\|T\|`, while the spurious test compares two
-    float64 eigenvalue computations on the same :math:`T` and stays tight (a tolerance of
-    :math:`\varepsilon_A\|T\|` there would drop genuine values whose start-vector
-    component is small).
-
-    The T-hat test alone cannot tell a spurious value from a genuine one whose eigenvector
-    of :math:`T_m` has a small first component (a weakly represented eigenvalue, or one
-    just emerging): :math:`|\theta_i - \hat\theta| \approx |s_{1i}|^2\|T\|`, so a
-    genuine value with :math:`|s_{1i}| \sim 10^{-4}` matches :math:`\hat T_m` to
-    :math:`10^{-8}\|T\|`. ``genuine`` marks values known to be good by another
-    argument: a Ritz value whose residual bound :math:`\beta_{m+1}|e_m^\top s_i|` has
-    converged is within that bound of an eigenvalue of :math:`A` (Paige), so it is never
-    dropped as spurious.
-
-    Args:
-        alpha: Diagonal of :math:`T_m`.
-        beta: Off-diagonal of :math:`T_m`.
-        theta: Eigenvalues of :math:`T_m` (ascending), if already known.
-        rel_tol: Tolerance of the spurious test relative to :math:`\|T_m\|`; default
-            :math:`100\, m\, \varepsilon` (float64).
-        merge_rel_tol: Tolerance for merging copies, relative to :math:`\|T_m\|`;
-            default ``rel_tol``.
-        genuine: Optional boolean mask over ``theta``: values that must not be dropped
-            as spurious (e.g. those whose residual bound has converged).
-
-    Returns:
-        ``(values, representatives, n_spurious)``: the distinct good values (ascending),
-        the index into ``theta`` of one copy of each (the copy the Ritz vector is taken
-        from), and how many eigenvalues were dropped as spurious (ghost copies not counted).
-    """
-    alpha = np.asarray(alpha, dtype=np.float64)
-    beta = np.asarray(beta, dtype=np.float64)
-    m = alpha.size
-    if theta is None:
-        theta = tridiag_eigvals(alpha, beta)
-    if m == 1:
-        return theta.copy(), np.zeros(1, dtype=np.int64), 0
-    tnorm = float(np.max(np.abs(theta)))
-    scale = max(tnorm, np.finfo(float).tiny)
-    tol = (100.0 * m * EPS64 if rel_tol is None else rel_tol) * scale
-    merge_tol = tol if merge_rel_tol is None else max(merge_rel_tol * scale, tol)
-    theta_hat = tridiag_eigvals(alpha[1:], beta[1:])
-
-    # Group numerically multiple copies (theta is ascending).
-    starts = np.flatnonzero(np.concatenate([[True], np.diff(theta) > merge_tol]))
-    ends = np.concatenate([starts[1:], [m]])
-    values, reps, n_spurious = [], [], 0
-    for s, e in zip(starts, ends):
-        if e - s == 1:
-            pos = np.searchsorted(theta_hat, theta[s])
-            near = [
-                abs(theta_hat[i] - theta[s]) for i in (pos - 1, pos) if 0 <= i < theta_hat.size
-            ]
-            if near and min(near) <= tol and not (genuine is not None and genuine[s]):
-                n_spurious += 1
-                continue
-        values.append(theta[s:e].mean())
-        reps.append(s)
-    return np.asarray(values), np.asarray(reps, dtype=np.int64), n_spurious

@@ -22,35 +22,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-import scipy.linalg
 import torch
+from curvops.linops.checks import as_integer, as_real
 
 from ._as_operator import TorchOperator, as_operator, with_parameters_fixed
-from ._reorthogonalization import (
-    REORTH,
-    KrylovBasis,
-    SelectiveCache,
-    block_rows_for,
-    offending_range,
-    omega_update,
-)
-from ._tridiagonal import (
-    EPS64,
-    WHICH,
-    convergence_thresholds,
-    cullum_willoughby,
-    residual_bounds,
-    select_which,
-    tridiag_eigh,
-    tridiag_eigvals,
-)
+from ._lanczos_strategies import Step, make_strategy
+from ._operator_accuracy import AccuracyMonitor
+from ._reorthogonalization import REORTH
+from ._ritz_verification import verify_ritz_pairs
+from ._tridiagonal import WHICH, tridiag_eigvals
 
 __all__ = [
-    "LanczosCoefficients",
     "LanczosConfig",
     "LanczosResult",
     "lanczos",
-    "lanczos_coefficients",
 ]
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -102,7 +87,14 @@ class LanczosConfig:
             :math:`\\varepsilon_A = \\max(\\varepsilon_{\\text{basis}}, \\text{operator\\_eps})`
             sets every threshold: semi-orthogonality :math:`\\sqrt{\\varepsilon_A}`, the
             :math:`\\omega`-recurrence noise, Cullum–Willoughby's ghost merging, breakdown,
-            and the floor of ``tol`` (see ``docs/lanczos.md``).
+            and the floor of ``tol`` (see ``docs/lanczos.md``). The run raises
+            :math:`\\varepsilon_A` further to the operator accuracy it measures.
+        verify: Confirm every value before calling it converged: one batched product of
+            the k Ritz vectors (strategies with a basis) or the products of the second
+            pass ("none", which then runs even without ``return_eigenvectors``) give the
+            true residuals :math:`\\|A y - \\theta y\\|`; a pair that fails, or copies an
+            earlier one, is reported not converged with a note. False trusts the residual
+            bounds of the tridiagonal (no extra products; ``notes`` says so).
     """
 
     k: int = 5
@@ -123,6 +115,7 @@ class LanczosConfig:
     rayleigh_ritz: bool | None = None
     operator_eps: float | None = None
     measure_orthogonality: bool = True
+    verify: bool = True
 
     def __post_init__(self) -> None:
         self.validate()
@@ -136,14 +129,19 @@ class LanczosConfig:
 
     def validate(self) -> None:
         """Raise ValueError/TypeError for any invalid field (called before any work)."""
-        if not isinstance(self.k, int | np.integer) or self.k < 1:
+        k, max_iters = as_integer(self.k), as_integer(self.max_iters)
+        if k is None or k < 1:
             raise ValueError(f"k must be a positive int, got {self.k!r}")
-        if not isinstance(self.max_iters, int | np.integer) or self.max_iters < 1:
+        if max_iters is None or max_iters < 1:
             raise ValueError(f"max_iters must be a positive int, got {self.max_iters!r}")
-        if not (isinstance(self.tol, int | float) and math.isfinite(self.tol) and self.tol >= 0):
+        tol = as_real(self.tol)
+        if tol is None or not math.isfinite(tol) or tol < 0:
             raise ValueError(f"tol must be a finite number >= 0, got {self.tol!r}")
-        if not isinstance(self.reorth_period, int | np.integer) or self.reorth_period < 0:
+        period = as_integer(self.reorth_period)
+        if period is None or period < 0:
             raise ValueError(f"reorth_period must be an int >= 0, got {self.reorth_period!r}")
+        # numpy scalars are welcome; they are stored as Python numbers.
+        self.k, self.max_iters, self.tol, self.reorth_period = k, max_iters, tol, period
         if self.reorth is not None and self.reorth not in REORTH:
             raise ValueError(f"unknown reorth={self.reorth!r}; expected one of {REORTH}")
         if self.which not in WHICH:
@@ -159,15 +157,21 @@ class LanczosConfig:
         ):
             raise TypeError(f"dtype_compute must be a floating torch dtype, got "
                             f"{self.dtype_compute!r}")
-        if not isinstance(self.seed, int | np.integer):
+        seed = as_integer(self.seed)
+        if seed is None:
             raise TypeError(f"seed must be an int, got {self.seed!r}")
-        if not (math.isfinite(self.regularization) and self.regularization >= 0):
+        reg = as_real(self.regularization)
+        if reg is None or not math.isfinite(reg) or reg < 0:
             raise ValueError(f"regularization must be >= 0, got {self.regularization!r}")
-        if self.operator_eps is not None and not (
-            isinstance(self.operator_eps, int | float) and 0 < self.operator_eps < 1
-        ):
-            raise ValueError(f"operator_eps must be None or a number in (0, 1), got "
-                             f"{self.operator_eps!r}")
+        self.seed, self.regularization = seed, reg
+        if self.operator_eps is not None:
+            eps = as_real(self.operator_eps)
+            if eps is None or not 0 < eps < 1:
+                raise ValueError(f"operator_eps must be None or a number in (0, 1), got "
+                                 f"{self.operator_eps!r}")
+            self.operator_eps = eps
+        if not isinstance(self.verify, bool):
+            raise TypeError(f"verify must be a bool, got {self.verify!r}")
         if self.rayleigh_ritz and self.strategy != "full":
             raise ValueError("rayleigh_ritz=True needs reorth='full' (it uses its coefficients)")
 
@@ -180,10 +184,14 @@ class LanczosResult:
         eigenvalues: float64, length <= k, in the order ``which`` defines.
         eigenvectors: (n, len(eigenvalues)) torch tensor of unit Ritz vectors (columns), on
             the operator's device, or None.
-        residual_norms: Residual estimates :math:`\\beta_{m+1}|e_m^\\top s_i|` (float64).
-        converged: Per value, whether it met ``tol``.
+        residual_norms: The verified true residuals :math:`\\|A y_i - \\theta_i y_i\\|` of the
+            unit Ritz vectors; without verification the bounds
+            :math:`\\beta_{m+1}|e_m^\\top s_i|` (float64).
+        converged: Per value, whether its bound met ``tol`` and its pair passed the
+            verification (see ``verify``).
         iterations: Lanczos iterations (length of the tridiagonal).
-        matvecs: Products with the operator (second pass of "none" included).
+        matvecs: Products with the operator (second pass of "none" and the verification
+            included).
         spurious_removed: Ritz values the Cullum–Willoughby test removed ("none").
         orthogonality_loss: :math:`\\max|V^\\top V - I|` of the stored basis (NaN for "none"
             and with ``measure_orthogonality=False``).
@@ -206,6 +214,14 @@ class LanczosResult:
         reorthogonalizations: Iterations that orthogonalized against more than the local
             vectors (every iteration for "full"; partial's triggered steps; selective's
             steps with at least one good Ritz vector; 0 for "none").
+        operator_accuracy: The measured relative accuracy of one product: from the
+            verification, :math:`\\|\\tilde A y - P y\\| / \\|T\\|` (the product against
+            the Lanczos relation's prediction: full norm); without it (or for "none"), the
+            largest step defect :math:`|v_{j-1}^\\top A v_j - v_j^\\top A v_{j-1}| / \\|T\\|`
+            (a projection of the error, smaller than its norm).
+        verified: Whether the values were checked against true residuals.
+        verification_matvecs: Products spent on the verification (included in
+            ``matvecs``).
     """
 
     eigenvalues: np.ndarray
@@ -229,6 +245,9 @@ class LanczosResult:
     process_eps: float = float("nan")
     tol_used: float = float("nan")
     reorthogonalizations: int = 0
+    operator_accuracy: float = float("nan")
+    verified: bool = False
+    verification_matvecs: int = 0
 
     @property
     def all_converged(self) -> bool:
@@ -292,6 +311,15 @@ class _Timer:
         self.cpu_seconds += time.perf_counter() - t0
         return y
 
+    def block(self, op: TorchOperator, X: torch.Tensor) -> torch.Tensor:
+        """One batched product ``op.matmat(X)``, timed like single products."""
+        t0 = time.perf_counter()
+        Y = op.matmat(X)
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.cpu_seconds += time.perf_counter() - t0
+        return Y
+
     def seconds(self) -> float:
         if self.cuda and self.events:
             torch.cuda.synchronize()
@@ -330,27 +358,11 @@ def _work_dtype(dtype_compute: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype_compute == torch.float64 else torch.float32
 
 
-def _fresh_vector(
-    n: int, gen: torch.Generator, basis: KrylovBasis, j: int, work: torch.dtype,
-    device: torch.device,
-) -> torch.Tensor:
-    """A random unit vector orthogonal to rows 0..j-1 of the basis (after a breakdown)."""
-    for _ in range(5):
-        r = torch.randn(n, generator=gen, dtype=work).to(device=device)
-        r = r / torch.linalg.vector_norm(r)
-        for _ in range(3):
-            r, _h = basis.cgs(r, j)
-        nrm = float(torch.linalg.vector_norm(r))
-        if nrm > 1e-3:
-            return r / nrm
-    raise RuntimeError("could not find a vector orthogonal to the Krylov basis")
-
-
 def _progress_bar(total: int, enabled: bool):
     if not enabled:
         return None
     try:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # optional: the progress extra
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError(
             "progress=True needs tqdm: pip install 'curvops[progress]'"
@@ -358,35 +370,9 @@ def _progress_bar(total: int, enabled: bool):
     return tqdm(total=total, desc="lanczos", unit="it")
 
 
-def _rayleigh_ritz(
-    coef_cols: list[np.ndarray], G: np.ndarray, regularization: float
-) -> tuple[np.ndarray, np.ndarray, float, str | None]:
-    r"""Ritz pairs of the projected pencil :math:`(V^\top A V, V^\top V)`.
-
-    With every coefficient of the recurrence and the reorthogonalization kept,
-    :math:`A v_j = \sum_{i \le j} c_{ij} v_i + w_j` with :math:`w_j` orthogonal to
-    :math:`v_0..v_j` to the working precision. Hence, for :math:`i \le j`,
-    :math:`(V^\top A V)_{ij} = \sum_l G_{il} c_{lj}` with :math:`G = V^\top V`; symmetry
-    fills the lower triangle, with no extra product with A.
-    """
-    m = len(coef_cols)
-    C = np.zeros((m, m))
-    for j, col in enumerate(coef_cols):
-        C[: col.size, j] = col
-    M = G @ C
-    M = np.triu(M) + np.triu(M, 1).T
-    used = 0.0
-    try:
-        theta, S = scipy.linalg.eigh(M, G)
-        return theta, S, used, None
-    except (np.linalg.LinAlgError, ValueError):
-        if regularization <= 0:
-            return np.zeros(0), np.zeros((m, 0)), 0.0, (
-                "Rayleigh–Ritz failed (V^T V not positive definite); values read off T instead"
-            )
-        used = regularization * max(1.0, float(np.abs(np.diag(G)).max()))
-        theta, S = scipy.linalg.eigh(M, G + used * np.eye(m))
-        return theta, S, used, f"Rayleigh–Ritz needed jitter {used:.3g} on V^T V"
+def _dot_with(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``x . u`` in ``u``'s dtype (a product's own dtype: no float32 copy of a bf16 one)."""
+    return torch.dot(x if x.dtype == u.dtype else x.to(u.dtype), u)
 
 
 @with_parameters_fixed
@@ -411,7 +397,9 @@ def lanczos(
         A :class:`LanczosResult`.
 
     Raises:
-        ValueError: k >= n, non-square operator, unknown which/reorth, max_iters < k, bad v0.
+        ValueError: k >= n, non-square operator, unknown which/reorth, max_iters < k, bad v0,
+            an operator whose products are clearly not symmetric (measured in the first
+            iterations; the message gives the defect).
         TypeError: Unsupported operator or v0 types.
     """
     t_start = time.perf_counter()
@@ -426,104 +414,101 @@ def lanczos(
         raise ValueError(f"k={k} must be smaller than the operator size n={n}")
     if cfg.max_iters < k:
         raise ValueError(f"max_iters={cfg.max_iters} must be at least k={k}")
-    strategy = cfg.strategy
-    dtype_c = op.dtype if cfg.dtype_compute is None else cfg.dtype_compute
-    work = _work_dtype(dtype_c)
-    device = op.device
-    basis_device = device if cfg.basis_device is None else torch.device(cfg.basis_device)
-    use_rr = cfg.rayleigh_ritz
-    if use_rr is None:
-        use_rr = strategy == "full" and dtype_c in _LOW_PRECISION
-    gen = torch.Generator(device="cpu").manual_seed(int(cfg.seed))
+    run = _Run(op, cfg, k)
     if v0 is None:
         # Drawn on the CPU generator (the same seed gives the same vector on any device),
         # in the working dtype (float64 draws cost as much as a cheap matvec at n ~ 1e5).
-        v = torch.randn(n, generator=gen, dtype=work).to(device=device)
+        v = torch.randn(n, generator=run.gen, dtype=run.work).to(device=run.device)
         v = v / torch.linalg.vector_norm(v)
     else:
-        v = _validate_v0(v0, n, device, work)
-    pbar = _progress_bar(cfg.max_iters, cfg.progress)
-
-    runner = _Run(op, cfg, strategy, dtype_c, work, basis_device, gen, k, use_rr)
+        v = _validate_v0(v0, n, run.device, run.work)
+    run.pbar = _progress_bar(cfg.max_iters, cfg.progress)
     try:
-        res = runner.run(v, pbar)
+        res = run.solve(v)
     finally:
-        if pbar is not None:
-            pbar.close()
+        if run.pbar is not None:
+            run.pbar.close()
     total = time.perf_counter() - t_start
-    t_mv = runner.timer.seconds()
-    return replace(res, seconds_matvec=t_mv, seconds_other=max(0.0, total - t_mv),
-                   process_eps=runner.eps_a, tol_used=runner.tol,
-                   reorthogonalizations=runner.reorths)
+    t_mv = run.timer.seconds()
+    return replace(res, seconds_matvec=t_mv, seconds_other=max(0.0, total - t_mv))
 
 
 class _Run:
-    """One Lanczos run: the state shared by the iteration and the extraction."""
+    """One Lanczos run: what the recurrence loop and the strategy share."""
 
-    #: Ghost copies are merged within this many eps_A ||T|| (Cullum–Willoughby).
-    CW_MERGE = 2.0
-
-    def __init__(self, op, cfg, strategy, dtype_c, work, basis_device, gen, k, use_rr):
-        self.op, self.cfg, self.strategy = op, cfg, strategy
-        self.dtype_c, self.work, self.gen, self.k = dtype_c, work, gen, k
-        self.use_rr = use_rr
-        self.n = op.n
-        self.device = op.device
-        self.basis_device = basis_device
-        self.keeps_basis = strategy != "none"
-        self.m_max = min(cfg.max_iters, self.n) if self.keeps_basis else cfg.max_iters
+    def __init__(self, op: TorchOperator, cfg: LanczosConfig, k: int) -> None:
+        self.op, self.cfg, self.k = op, cfg, k
+        self.strategy_name = cfg.strategy
+        self.n, self.device = op.n, op.device
+        self.dtype_c = op.dtype if cfg.dtype_compute is None else cfg.dtype_compute
+        self.work = _work_dtype(self.dtype_c)
+        self.basis_device = (self.device if cfg.basis_device is None
+                             else torch.device(cfg.basis_device))
+        use_rr = cfg.rayleigh_ritz
+        if use_rr is None:
+            use_rr = self.strategy_name == "full" and self.dtype_c in _LOW_PRECISION
+        self.use_rr = bool(use_rr)
+        self.verify = cfg.verify
+        self.gen = torch.Generator(device="cpu").manual_seed(int(cfg.seed))
+        keeps_basis = self.strategy_name != "none"
+        self.m_max = min(cfg.max_iters, self.n) if keeps_basis else cfg.max_iters
         self.ledger = _Ledger()
         self.timer = _Timer(op.device)
-        self.eps_c = float(torch.finfo(dtype_c).eps)
-        self.eps_w = float(torch.finfo(work).eps)
-        # The operator's own accuracy: a bf16 product is only good to ~2^-8 relative, and
-        # that noise (not the float64 or float32 of the vectors) is the "rounding error" of
-        # Paige's analysis that makes converged Ritz vectors leak back into the basis.
+        self.eps_c = float(torch.finfo(self.dtype_c).eps)
+        self.eps_w = float(torch.finfo(self.work).eps)
+        # The operator's precision as its dtype (or the user) states it: a bf16 product is
+        # only good to ~2^-8. The run raises it to what the products are measured to give.
         self.eps_op = (float(torch.finfo(op.dtype).eps) if cfg.operator_eps is None
                        else float(cfg.operator_eps))
-        self.eps_a = max(self.eps_c, self.eps_op)
+        self.monitor = AccuracyMonitor(max(self.eps_c, self.eps_op))
         # beta below this times ||A|| is rounding noise of a product with a vector of an
-        # invariant subspace (measured: ~50 eps ||A|| at n = 500 in float64).
-        # Without a basis ("none") the noise is larger (no reorthogonalization cleans it),
-        # and a missed breakdown costs a whole run of matvecs on noise. A noisy operator
-        # returns ~eps_op ||A|| for a vector of an invariant subspace.
-        self.bd_factor = max(
-            self.eps_w * ((1000.0 if strategy == "none" else 100.0) + math.sqrt(self.n)),
-            self.eps_op,
-        )
+        # invariant subspace (measured: ~50 eps ||A|| at n = 500 in float64). Without a
+        # basis the noise is larger (no reorthogonalization cleans it), and a missed
+        # breakdown costs a whole run of matvecs on noise.
+        self.bd_floor = self.eps_w * ((1000.0 if not keeps_basis else 100.0)
+                                      + math.sqrt(self.n))
         self.matvecs = 0
         self.breakdowns = 0
+        self.anorm = 0.0
         self.notes: list[str] = []
-        self.tol = self._tolerance()
-        self.reorths = 0
         self.history: list[np.ndarray] | None = [] if cfg.record_history else None
-        self.vec_bytes = self.n * torch.empty(0, dtype=work).element_size()
+        self.vec_bytes = self.n * torch.empty(0, dtype=self.work).element_size()
+        self.pbar = None
         self._wbuf: torch.Tensor | None = None
+        self._tol_raised = 0.0
 
-    def _tolerance(self) -> float:
-        """``config.tol``, raised to the accuracy the process can deliver (with a note).
+    # -- the precision of the process, as measured so far ----------------------------
+    @property
+    def eps_a(self) -> float:
+        r""":math:`\varepsilon_A`: basis and operator epsilon, raised to the measured defect."""
+        return self.monitor.eps_a
 
-        Residual bounds below :math:`\\varepsilon\\,|\\theta|` are rounding noise of the
+    @property
+    def tol(self) -> float:
+        """``config.tol``, raised to the accuracy the process can deliver.
+
+        Residual bounds below :math:`\\varepsilon_A|\\theta|` are rounding noise of the
         process: asking for them only adds iterations (and, without a basis, ghosts). The
-        floor is :math:`\\varepsilon_A`, or the operator's epsilon alone when the
+        floor is :math:`\\varepsilon_A`, or the operator's precision alone when the
         Rayleigh–Ritz step recovers the accuracy a low-precision basis loses.
         """
         tol = float(self.cfg.tol)
         if tol == 0.0:
             return 0.0
-        floor = self.eps_op if self.use_rr else self.eps_a
+        floor = max(self.eps_op, self.monitor.defect) if self.use_rr else self.eps_a
         if tol >= floor:
             return tol
-        self.notes.append(
-            f"tol={tol:.3g} is below the precision of the process (epsilon {floor:.3g}: "
-            f"operator {self.eps_op:.3g}, basis {self.eps_c:.3g}); converged means "
-            f"tol={floor:.3g}"
-        )
+        self._tol_raised = max(self._tol_raised, floor)
         return floor
 
-    # -- one product, with the documented cast when the basis dtype differs --------------
+    def breaks_down(self, beta_next: float) -> bool:
+        """Whether ``beta_next`` is rounding noise of ``||A||`` (an invariant subspace)."""
+        factor = max(self.bd_floor, self.eps_op, self.monitor.defect)
+        return beta_next <= factor * max(self.anorm, np.finfo(float).tiny)
+
+    # -- one product, with the documented cast when the basis dtype differs ------------
     def apply(self, v: torch.Tensor) -> torch.Tensor:
-        """One product, in the operator's dtype, on the working device (not yet owned)."""
+        """One product, in the operator's dtype, on the working device (not owned)."""
         x = v if v.dtype == self.op.dtype else v.to(self.op.dtype)
         u = self.timer(self.op, x)
         self.matvecs += 1
@@ -532,20 +517,14 @@ class _Run:
                             f"{getattr(u, 'shape', None)}, expected a vector of length {self.n}")
         return u.to(device=self.device)
 
-    def _three_term(self, v, v_prev, beta_j):
+    def three_term(self, u, v, v_prev, beta_j):
         """``w = A v - beta_j v_prev - alpha v`` in the solver's own buffer.
 
-        The operator's output is never updated in place: a curvops operator returns a
-        fresh tensor today, but a caching operator, a numpy operator's buffer or an
-        operator returning its input would be corrupted. Owning it costs nothing: the
-        first update writes into the preallocated buffer (``torch.sub(..., out=)``, which
-        also does the cast of a bf16 product) instead of updating in place, the same
-        memory traffic; only the first iteration pays one copy.
-
-        Returns w, alpha (device scalar) and None: no host sync. (||A v|| is estimated on
-        the host as sqrt(alpha^2 + beta_j^2 + beta_{j+1}^2), which costs nothing.)
+        The operator's output is never updated in place (a caching operator, a numpy
+        operator's buffer or an operator returning its input would be corrupted); the
+        first update writes into the preallocated buffer instead, which also casts a bf16
+        product. Returns w and alpha (a device scalar: no host sync).
         """
-        u = self.apply(v)
         if self._wbuf is None:
             self._wbuf = torch.empty(self.n, dtype=self.work, device=self.device)
         if v_prev is not None:
@@ -554,636 +533,161 @@ class _Run:
             w = self._wbuf.copy_(u)
         a1 = torch.dot(v, w)
         w.addcmul_(v, a1, value=-1.0)
-        return w, a1, None
+        return w, a1
 
-    #: eps_1 of the omega-recurrence in units of eps_A (see _run_with_basis).
-    OMEGA_NOISE = 10.0
+    # -- the recurrence ---------------------------------------------------------------
+    def solve(self, v0: torch.Tensor) -> LanczosResult:
+        strat = make_strategy(self.strategy_name, self)
+        try:
+            m, alpha, beta, beta_next, w_last = self._iterate(strat, v0)
+            ext = strat.extract(m, alpha, beta, beta_next, w_last,
+                                self.cfg.return_eigenvectors)
+            return self._finish(strat, ext, m)
+        finally:
+            strat.release()
 
-    #: beta_{j+1} below this share of ||A v_j|| (or below sqrt(eps_A) of it) takes a pass
-    #: against the whole basis before the breakdown test (see _run_with_basis).
-    NEAR_INVARIANT = 1e-3
-
-    #: DGKS / PROPACK's kappa: a second local Gram–Schmidt pass against v_j only when the
-    #: first one cancelled, ||w|| < KAPPA ||A v_j|| (else it is orthogonal to ~eps already).
-    KAPPA = 1.0 / math.sqrt(2.0)
-
-    def _breaks_down(self, beta_next: float, anorm: float) -> bool:
-        """Whether ``beta_next`` is rounding noise of ``||A||`` (an invariant subspace)."""
-        return beta_next <= self.bd_factor * max(anorm, np.finfo(float).tiny)
-
-    def _cancelled(self, alpha_j: float, beta_j: float, beta_next: float) -> bool:
-        # ||A v_j||^2 = alpha_j^2 + beta_j^2 + beta_{j+1}^2 up to the basis's orthogonality.
-        return beta_next**2 < self.KAPPA**2 * (alpha_j**2 + beta_j**2 + beta_next**2)
-
-    def _local_pass(self, v, w, alpha_t):
-        """Second Gram–Schmidt pass of ``w`` against ``v`` (in place); one more sync."""
-        c = torch.dot(v, w)
-        w.addcmul_(v, c, value=-1.0)
-        alpha_t = alpha_t + c
-        bnorm = torch.linalg.vector_norm(w)
-        alpha_j, beta_next = torch.stack([alpha_t.double(), bnorm.double()]).tolist()
-        return w, alpha_j, beta_next
-
-    def run(self, v: torch.Tensor, pbar) -> LanczosResult:
-        if self.keeps_basis:
-            return self._run_with_basis(v, pbar)
-        return self._run_none(v, pbar)
-
-    # -- full / selective / partial -----------------------------------------------------
-    def _run_with_basis(self, v: torch.Tensor, pbar) -> LanczosResult:
-        n, work = self.n, self.work
-        block = block_rows_for(n, self.dtype_c, self.basis_device, self.m_max + 1)
-        basis = KrylovBasis(n, self.dtype_c, self.basis_device, block, self.ledger)
-        self.ledger.alloc(4 * self.vec_bytes)  # u/w, v, v_prev and one temporary
-        basis.set(0, v)
-        v = basis.get(0, work, self.device)  # the stored (possibly rounded) vector
+    def _iterate(self, strat, v0: torch.Tensor):
+        v = strat.begin(v0)
         alpha: list[float] = []
         beta: list[float] = [0.0]  # beta[j] couples v_{j-1} and v_j
-        coef_cols: list[np.ndarray] = []
-        anorm = 0.0
-        # Semi-orthogonality (Parlett, Simon): |v_i^T v_j| <= sqrt(eps_A) keeps T_m the
-        # projection of A to within eps_A ||A||, which is all a process of precision eps_A
-        # can give; eps_A includes the operator's noise (a bf16 product), not only the
-        # basis dtype's rounding.
-        delta = math.sqrt(self.eps_a)
-        eta = self.eps_a**0.75
-        # Noise level of the omega-recurrence: the rounding each step adds, in units of
-        # ||A|| (omega_update). PROPACK's sqrt(n) eps / 2 exceeds the threshold itself for
-        # large n in float32 (a reorthogonalization every step), and torch's inner products
-        # round to ~0.1 eps here; OMEGA_NOISE eps_A is the smallest multiple that kept every
-        # low-rank float32 case semi-orthogonal (measured; 1 and 3 left 7e-4 > sqrt(eps)).
-        eps1 = min(self.OMEGA_NOISE * self.eps_a, delta / 10.0)  # capped: bf16
-        omega_prev = np.zeros(0)
-        omega_cur = np.ones(1)
-        force_idx = np.zeros(0, dtype=np.int64)
-        cache = (
-            SelectiveCache(
-                n, work, self.device, self.eps_a, self.ledger, noise=self.OMEGA_NOISE
-            )
-            if self.strategy == "selective" else None
-        )
         v_prev = None
-        beta_next = 0.0
+        s_pending = None  # v_j^T A v_{j-1}, for the defect of the next step
+        st = None
         m = 0
         for j in range(self.m_max):
-            w, a1, unorm = self._three_term(v, v_prev, beta[j])
-            h = None
-            if self.strategy == "full":
-                w, h = basis.cgs2(w, j + 1)
-                alpha_t = a1 + h[j]
-                self.reorths += 1
-            else:
-                alpha_t = a1
-                if cache is not None and cache.count:
-                    w = cache.project(w)
-                    self.reorths += 1
-                if force_idx.size:
-                    w = basis.project_rows(force_idx, w)
-                    self.reorths += 1
-            bnorm = torch.linalg.vector_norm(w)
+            u = self.apply(v)
+            w, a1 = self.three_term(u, v, v_prev, beta[j])
+            alpha_t = strat.orthogonalize(j, w, a1)
+            probe = strat.probe(j, w)
+            parts = [alpha_t.double(), torch.linalg.vector_norm(w).double(),
+                     torch.linalg.vector_norm(u).double()]
+            if v_prev is not None:
+                parts += [_dot_with(v_prev, u).double(), s_pending.double()]
+            if probe is not None:
+                parts.append(probe.double())
             # One host synchronisation per iteration: all recurrence scalars together.
-            alpha_j, beta_next = torch.stack([alpha_t.double(), bnorm.double()]).tolist()
-            if h is None and self._cancelled(alpha_j, beta[j], beta_next):
-                w, alpha_j, beta_next = self._local_pass(v, w, alpha_t)
-            unorm_f = math.sqrt(alpha_j**2 + beta[j] ** 2 + beta_next**2)
-            near_invariant = h is None and beta_next < max(delta, self.NEAR_INVARIANT) * unorm_f
-            if near_invariant:
-                # Near an invariant subspace w is mostly what a semi-orthogonal basis leaves
-                # along its own vectors (up to sqrt(eps_A) ||A||): only a pass against the
-                # whole basis tells a breakdown from a new direction. (Without it a rank-8
-                # operator's exhausted Krylov space went on with that pollution as its next
-                # vector, and the run diverged.) Rare: only where beta collapses.
-                w, _ = basis.cgs2(w, j + 1)
-                beta_next = float(torch.linalg.vector_norm(w))
-                self.reorths += 1
-            alpha.append(alpha_j)
-            anorm = max(anorm, unorm_f, abs(alpha_j))
-            if h is not None and self.use_rr:
-                # Kept on the device; moved to the host once, at the end.
-                col = h.double().clone()
-                col[j] += a1.double()
-                if j > 0:
-                    col[j - 1] += beta[j]
-                coef_cols.append(col)
-            m = j + 1
-            if not math.isfinite(beta_next) or not math.isfinite(alpha_j):
+            flat = torch.cat([p.reshape(-1) for p in parts]).tolist()
+            alpha_j, beta_next, unorm = flat[:3]
+            rest = flat[3:]
+            if v_prev is not None:
+                ratio = self.monitor.observe(rest[0], rest[1], max(self.anorm, unorm), j + 1)
+                rest = rest[2:]
+                if ratio > 1.0:
+                    strat.recalibrate(ratio)
+            st = Step(j, u, v, w, alpha_j, beta[j], beta_next, unorm, np.asarray(rest))
+            strat.settle(st, alpha, beta)
+            if not (math.isfinite(st.alpha) and math.isfinite(st.beta_next)):
                 raise FloatingPointError(
-                    f"Lanczos produced NaN/Inf at iteration {m}: the operator returned "
+                    f"Lanczos produced NaN/Inf at iteration {j + 1}: the operator returned "
                     "non-finite values"
                 )
-
-            if self.strategy == "partial":
-                omega_next = omega_update(
-                    omega_prev, omega_cur, np.asarray(alpha), np.asarray(beta), beta_next, eps1,
-                    anorm,
-                )
-                if force_idx.size:
-                    omega_next[force_idx] = eps1
-                    force_idx = np.zeros(0, dtype=np.int64)
-                if near_invariant:
-                    omega_next[:-1] = eps1  # orthogonal to the whole basis now
-                elif beta_next > 0 and np.max(np.abs(omega_next[:-1]), initial=0.0) > delta:
-                    idx = offending_range(omega_next, eta)
-                    w = basis.project_rows(idx, w)
-                    self.reorths += 1
-                    beta_next = float(torch.linalg.vector_norm(w))
-                    omega_next[idx] = eps1
-                    force_idx = idx  # Simon: the next vector is reorthogonalized too
-                omega_prev, omega_cur = omega_cur, omega_next
-
-            breakdown = self._breaks_down(beta_next, anorm)
-            if breakdown:
-                self.breakdowns += 1
-                beta_next = 0.0
-            if pbar is not None:
-                pbar.update(1)
-            theta = S = None
-            if self.strategy == "selective" or (self.tol > 0 and m >= self.k):
-                theta, S = tridiag_eigh(np.asarray(alpha), np.asarray(beta[1:]))
-            # Convergence: the wanted Ritz values of T_m with beta_{m+1} (0 on breakdown).
-            stop = False
-            if self.tol > 0 and m >= self.k:
-                conv = self._converged(theta, S[-1], beta_next)
-                stop = bool(conv.all()) and conv.size >= self.k
-                if pbar is not None:
-                    pbar.set_postfix(converged=int(conv.sum()))
-            if self.history is not None:
-                self.history.append(
-                    theta.copy() if theta is not None
-                    else tridiag_eigvals(np.asarray(alpha), np.asarray(beta[1:]))
-                )
-            if stop or m >= self.m_max or m >= n:
-                break
-            if self.strategy == "selective" and not breakdown:
-                # Only for a next vector: a run that stops here forms no Ritz vector.
-                tnorm = float(np.max(np.abs(theta)))
-                bounds = beta_next * np.abs(S[-1])
-                new = cache.new_good(theta, S, bounds, tnorm)
-                if new.size:
-                    Y = basis.combine_rows(S[:, new], m, work).to(self.device)
-                    cache.add(theta[new], S[:, new], Y)
-                    w = cache.project(w)
-                    beta_next = float(torch.linalg.vector_norm(w))
-                    if self._breaks_down(beta_next, anorm):
-                        breakdown = True
-                        self.breakdowns += 1
-                        beta_next = 0.0
-            if breakdown:
-                v_next = _fresh_vector(n, self.gen, basis, m, work, self.device)
-                if self.strategy == "partial":
-                    omega_cur = np.full(m + 1, eps1)
-                    omega_cur[-1] = 1.0
-                    omega_prev = np.zeros(m)
-                    force_idx = np.zeros(0, dtype=np.int64)
-                basis.set(m, v_next)
-            else:
-                row = basis.row(m)
-                if row.device == w.device:
-                    # Normalized straight into the basis row (the documented cast included).
-                    torch.div(w, beta_next, out=row)
-                else:  # an offloaded basis
-                    row.copy_(w.div_(beta_next))
-            beta.append(beta_next)
-            v_prev = v
-            v = basis.get(m, work, self.device)
-        v = v_prev = w = None  # views of the basis
-        try:
-            return self._extract_with_basis(basis, alpha, beta[1:m], beta_next, coef_cols, m)
-        finally:
-            basis.release()
-            if cache is not None:
-                cache.Y.release()
-
-    def _converged(self, theta: np.ndarray, s_last: np.ndarray, beta_next: float) -> np.ndarray:
-        idx = select_which(theta, self.k, self.cfg.which)
-        tnorm = float(np.max(np.abs(theta)))
-        bounds = abs(beta_next) * np.abs(s_last[idx])
-        return bounds <= convergence_thresholds(theta[idx], tnorm, self.tol)
-
-    def _extract_with_basis(self, basis, alpha, beta_off, beta_next, coef_cols, m):
-        cfg, work = self.cfg, self.work
-        a = np.asarray(alpha[:m])
-        b = np.asarray(beta_off)
-        theta, S = tridiag_eigh(a, b)
-        tnorm = float(np.max(np.abs(theta)))
-        idx = select_which(theta, self.k, cfg.which)
-        bounds = abs(beta_next) * np.abs(S[-1, idx])
-        conv = bounds <= convergence_thresholds(theta[idx], tnorm, self.tol or 1e-8)
-        values = theta[idx]
-        S_sel = S[:, idx]
-        # float64 Gram only where it feeds the Rayleigh-Ritz step; otherwise the basis's
-        # own dtype (its orthogonality cannot be measured finer than that anyway).
-        G = None
-        ortho = float("nan")
-        if self.use_rr or cfg.measure_orthogonality:
-            G = basis.gram(m, exact=self.use_rr)
-        if cfg.measure_orthogonality:
-            ortho = float(np.max(np.abs(G - np.eye(m))))
-        reg_used = 0.0
-        rr_done = False
-        if self.use_rr:
-            cols = [c.cpu().numpy() for c in coef_cols[:m]]
-            th_rr, S_rr, reg_used, note = _rayleigh_ritz(cols, G, cfg.regularization)
-            if note:
-                self.notes.append(note)
-            if th_rr.size:
-                idx_rr = select_which(th_rr, self.k, cfg.which)
-                values, S_sel, rr_done = th_rr[idx_rr], S_rr[:, idx_rr], True
-        if values.size < self.k:
-            self.notes.append(f"only {values.size} Ritz values available (k={self.k})")
-        vecs = None
-        if cfg.return_eigenvectors:
-            Y = basis.combine_rows(S_sel, m, work).to(self.device)
-            Y = Y / torch.linalg.vector_norm(Y, dim=1, keepdim=True)
-            self.ledger.alloc(Y)
-            vecs = Y.T
-        return LanczosResult(
-            eigenvalues=np.asarray(values, dtype=np.float64),
-            eigenvectors=vecs,
-            residual_norms=np.asarray(bounds, dtype=np.float64),
-            converged=np.asarray(conv, dtype=bool),
-            iterations=m,
-            matvecs=self.matvecs,
-            spurious_removed=0,
-            orthogonality_loss=ortho,
-            history=self.history,
-            seconds_matvec=0.0,
-            seconds_other=0.0,
-            peak_memory_bytes=int(self.ledger.peak),
-            strategy=self.strategy,
-            which=cfg.which,
-            breakdowns=self.breakdowns,
-            regularization_used=reg_used,
-            rayleigh_ritz=rr_done,
-            notes=tuple(self.notes),
-        )
-
-    # -- none: three vectors and the Cullum–Willoughby test ---------------------------
-
-    @staticmethod
-    def _lock(values, bounds, tnorm, tol, locked: list[tuple[float, float]]) -> np.ndarray:
-        """Convergence with locking, for "none".
-
-        While a ghost copy of a converged value emerges, the two copies mix and their
-        bounds rise for a few iterations although the value does not move. A value that
-        met its threshold once stays converged while it stays within that bound plus the
-        threshold of the locked value (eigenvalue error <= residual bound).
-        """
-        thr = convergence_thresholds(values, tnorm, tol)
-        conv = bounds <= thr
-        for i, th in enumerate(values):
-            if not conv[i] and any(abs(th - t) <= b + thr[i] for t, b in locked):
-                conv[i] = True
-            elif bounds[i] <= thr[i]:
-                locked.append((float(th), float(bounds[i])))
-        return conv
-
-    def _cw_rel_tol(self, m: int) -> float:
-        # The spurious test compares eigenvalues of T and T-hat computed from the same
-        # scalars: their agreement is set by the arithmetic of the recurrence, not by the
-        # operator's noise.
-        return max(100.0 * m * EPS64, 10.0 * math.sqrt(m) * self.eps_w)
-
-    def _cw_merge_rel_tol(self, m: int) -> float:
-        # Ghost copies agree to about the working precision times ||T|| (a float64-only
-        # tolerance leaves float32 ghosts unmerged and then misjudged as spurious), and no
-        # better than the process precision eps_A: with a bf16 operator, copies of lambda_1
-        # differ by ~1e-3 ||T|| (measured), one CW_MERGE * eps_A.
-        return max(self._cw_rel_tol(m), self.CW_MERGE * self.eps_a)
-
-    def _ritz_none(self, alpha: np.ndarray, beta_off: np.ndarray, beta_next: float, tol: float):
-        """Wanted (values, positions in theta, n_spurious) after the CW test.
-
-        A Ritz value whose residual bound meets the convergence threshold is within that
-        bound of an eigenvalue of A (Paige), so the CW test never drops it as spurious: a
-        weakly represented genuine eigenvalue (small first component of its eigenvector of
-        T) matches an eigenvalue of T-hat to about ``s_1^2 ||T||``, inside the tolerance.
-        """
-        if self.cfg.cullum_willoughby:
-            theta, S = tridiag_eigh(alpha, beta_off)
-            tnorm = float(np.max(np.abs(theta)))
-            genuine = (residual_bounds(S[-1], beta_next)
-                       <= convergence_thresholds(theta, tnorm, tol))
-            values, reps, n_spur = cullum_willoughby(
-                alpha, beta_off, theta, self._cw_rel_tol(alpha.size),
-                self._cw_merge_rel_tol(alpha.size), genuine=genuine)
-        else:
-            theta = tridiag_eigvals(alpha, beta_off)
-            values, reps, n_spur = theta, np.arange(theta.size), 0
-        idx = select_which(values, self.k, self.cfg.which)
-        return theta, values, reps, idx, n_spur
-
-    def _gap_in_wanted(self, alpha: np.ndarray, beta_off: np.ndarray, theta: np.ndarray,
-                       reps: np.ndarray, sel: np.ndarray) -> bool:
-        """Whether an unresolved dropped value lies among the wanted ones (do not stop).
-
-        The CW tolerance is widened to the working precision (:meth:`_cw_rel_tol`), so it
-        also drops genuine values whose eigenvector of T has a small first component
-        (``|theta - theta_hat| ~ s_1^2 ||T||``): a weakly represented eigenvalue that has
-        not converged yet. A value is certainly spurious only when it matches an eigenvalue
-        of T-hat to the float64 arithmetic of the two eigenvalue computations
-        (``100 m eps64 ||T||``, Cullum and Willoughby's own test). A dropped value that
-        ranks (by ``which``) at or above the last wanted one and is not certainly spurious
-        keeps the iteration going until it resolves: it converges (and is then kept, see
-        :meth:`_ritz_none`) or settles onto T-hat.
-        """
-        if not self.cfg.cullum_willoughby or sel.size == 0:
-            return False
-        m = theta.size
-        tnorm = max(float(np.max(np.abs(theta))), 1e-300)
-        group = np.concatenate([[0], np.cumsum(np.diff(theta) > self._cw_merge_rel_tol(m)
-                                               * tnorm)])
-        dropped = ~np.isin(group, group[reps])
-        if not dropped.any():
-            return False
-        cand = theta[dropped]
-        which = self.cfg.which
-        if which == "LA":
-            inside = cand >= sel.min()
-        elif which == "SA":
-            inside = cand <= sel.max()
-        elif which == "LM":
-            inside = np.abs(cand) >= np.abs(sel).min()
-        else:  # BE: descending, the top ceil(k/2) first
-            top, bottom = sel[: sel.size - sel.size // 2], sel[sel.size - sel.size // 2 :]
-            inside = cand >= top.min()
-            if bottom.size:
-                inside |= cand <= bottom.max()
-        cand = cand[inside]
-        if cand.size == 0:
-            return False
-        theta_hat = tridiag_eigvals(alpha[1:], beta_off[1:])
-        dist = np.min(np.abs(theta_hat[:, None] - cand[None, :]), axis=0)
-        return bool(np.any(dist > 100.0 * m * EPS64 * tnorm))
-
-    def _bounds_none(self, alpha, beta_off, theta, reps_sel, beta_next):
-        """Residual bounds and eigenvectors of T for the chosen copies (best copy of a ghost)."""
-        if reps_sel.size == 0:
-            return np.zeros(0), np.zeros((alpha.size, 0)), reps_sel
-        tol_m = self._cw_merge_rel_tol(alpha.size) * max(float(np.max(np.abs(theta))), 1e-300)
-        # Expand each representative to its group of copies, then pick the best bound.
-        groups = []
-        for r in reps_sel:
-            lo = r
-            hi = r
-            while hi + 1 < theta.size and theta[hi + 1] - theta[hi] <= tol_m:
-                hi += 1
-            groups.append((lo, hi))
-        lo_all = min(g[0] for g in groups)
-        hi_all = max(g[1] for g in groups)
-        _, S = tridiag_eigh(alpha, beta_off, (int(lo_all), int(hi_all)))
-        bounds, best = [], []
-        for lo, hi in groups:
-            cols = np.arange(lo, hi + 1) - lo_all
-            b = abs(beta_next) * np.abs(S[-1, cols])
-            i = int(np.argmin(b))
-            bounds.append(b[i])
-            best.append(cols[i])
-        return np.asarray(bounds), S[:, best], np.asarray(best) + lo_all
-
-    def _run_none(self, v0: torch.Tensor, pbar) -> LanczosResult:
-        cfg = self.cfg
-        self.ledger.alloc(4 * self.vec_bytes)  # v_prev, v, w and the product
-        v = v0.to(self.dtype_c).to(self.work)  # the documented rounding of the stored vector
-        v_start = v
-        alpha: list[float] = []
-        beta: list[float] = [0.0]
-        v_prev = None
-        beta_next = 0.0
-        anorm = 0.0
-        m = 0
-        locked: list[tuple[float, float]] = []
-        for j in range(self.m_max):
-            w, alpha_t, unorm = self._three_term(v, v_prev, beta[j])
-            # Always a second local pass here: without a basis, local orthogonality is all
-            # that holds the vectors (the conditional DGKS pass of the basis strategies
-            # measurably loosened the second-pass eigenvectors of a 250-step run).
-            w, alpha_j, beta_next = self._local_pass(v, w, alpha_t)
-            unorm_f = math.sqrt(alpha_j**2 + beta[j] ** 2 + beta_next**2)
-            if not (math.isfinite(alpha_j) and math.isfinite(beta_next)):
-                raise FloatingPointError(f"Lanczos produced NaN/Inf at iteration {j + 1}")
-            alpha.append(alpha_j)
-            anorm = max(anorm, unorm_f, abs(alpha_j))
+            alpha.append(st.alpha)
+            self.anorm = max(self.anorm, unorm, abs(st.alpha),
+                             math.sqrt(st.alpha**2 + st.beta_j**2 + st.beta_next**2))
             m = j + 1
-            breakdown = self._breaks_down(beta_next, anorm)
-            if breakdown:
+            if self.breaks_down(st.beta_next):
+                st.breakdown = True
                 self.breakdowns += 1
-                beta_next = 0.0
-            if pbar is not None:
-                pbar.update(1)
-            a, b = np.asarray(alpha), np.asarray(beta[1:])
-            stop = False
-            if self.tol > 0 and m >= self.k:
-                theta, values, reps, idx, _ = self._ritz_none(a, b, beta_next, self.tol)
-                bnds, _S, _ = self._bounds_none(a, b, theta, reps[idx], beta_next)
-                tnorm = float(np.max(np.abs(theta)))
-                conv = self._lock(values[idx], bnds, tnorm, self.tol, locked)
-                stop = (idx.size >= self.k and bool(conv.all())
-                        and not self._gap_in_wanted(a, b, theta, reps, values[idx]))
+                st.beta_next = 0.0
+            if self.pbar is not None:
+                self.pbar.update(1)
+            stop = strat.converged(m, alpha, beta, st.beta_next)
             if self.history is not None:
-                self.history.append(tridiag_eigvals(a, b))
-            if stop or breakdown or m >= self.m_max:
-                if breakdown and not stop:
-                    self.notes.append(
-                        f"breakdown at iteration {m}: an invariant subspace was found; 'none' "
-                        "keeps no basis to continue from, so at most one copy of each "
-                        "eigenvalue in it is reported"
-                    )
+                self.history.append(tridiag_eigvals(np.asarray(alpha), np.asarray(beta[1:m])))
+            if stop or m >= self.m_max or m >= self.n and strat.keeps_basis:
                 break
-            beta.append(beta_next)
-            v_next = (w / beta_next).to(self.dtype_c).to(self.work)
+            if st.breakdown and strat.ends_on_breakdown:
+                self.notes.append(
+                    f"breakdown at iteration {m}: an invariant subspace was found; "
+                    f"'{strat.name}' keeps no basis to continue from, so at most one copy of "
+                    "each eigenvalue in it is reported"
+                )
+                break
+            strat.prepare_next(m, st, alpha, beta)
+            v_next = strat.advance(m, st)
+            beta.append(st.beta_next)
+            s_pending = _dot_with(v_next, u)
             v_prev, v = v, v_next
+        return m, alpha, beta, st.beta_next, st.w
 
-        a, b = np.asarray(alpha), np.asarray(beta[1:m])
-        theta, values, reps, idx, n_spur = self._ritz_none(a, b, beta_next, self.tol or 1e-8)
-        bnds, S_sel, best = self._bounds_none(a, b, theta, reps[idx], beta_next)
-        if cfg.cullum_willoughby and best.size:
-            # Of numerically multiple copies, report the best-converged one.
-            values = values.copy()
-            values[idx] = theta[best]
-        tnorm = float(np.max(np.abs(theta)))
-        conv = self._lock(values[idx], bnds, tnorm, self.tol or 1e-8, locked)
-        if idx.size < self.k:
-            self.notes.append(f"only {idx.size} distinct good Ritz values (k={self.k})")
+    # -- verification and the result ----------------------------------------------------
+    def _note_multiplicity(self, values: np.ndarray, residuals: np.ndarray) -> None:
+        """Say so where a wanted eigenvalue is repeated: a single start vector sees one copy
+        of it per restart, so further copies cannot be excluded."""
+        tnorm = max(float(np.max(np.abs(values), initial=0.0)), np.finfo(float).tiny)
+        for i in range(values.size):
+            for j in range(i + 1, values.size):
+                if abs(values[i] - values[j]) <= (residuals[i] + residuals[j]
+                                                  + 100 * self.eps_a * tnorm):
+                    self.notes.append(
+                        f"eigenvalue {values[i]:.10g} is repeated among the wanted values; "
+                        "single-vector Lanczos finds one copy per restart, so further copies "
+                        "cannot be excluded (compare with a block method such as eigsh with "
+                        "a larger ncv, or lobpcg)"
+                    )
+                    return
+
+    def _finish(self, strat, ext, m: int) -> LanczosResult:
+        cfg = self.cfg
+        if ext.values.size < self.k:
+            self.notes.append(f"only {ext.values.size} Ritz values available (k={self.k})")
+        conv = np.asarray(ext.bound_converged, dtype=bool)
+        residuals = np.asarray(ext.bounds, dtype=np.float64)
+        accuracy = self.monitor.defect
+        verified = False
+        mv_before = self.matvecs
         vecs = None
-        if cfg.return_eigenvectors and idx.size:
-            vecs = self._second_pass(v_start, a, b, S_sel, m)
+        if ext.Y is not None:
+            ynorm = torch.linalg.vector_norm(ext.Y, dim=1, keepdim=True)
+            Yn = ext.Y / ynorm
+            if self.verify:
+                AY = ext.AY
+                if AY is None:  # one batched product of the Ritz vectors
+                    Z = self.timer.block(self.op, Yn.T.to(self.op.dtype))
+                    self.matvecs += Yn.shape[0]
+                    AY = Z.T.to(device=self.device, dtype=self.work) * ynorm
+                ver = verify_ritz_pairs(ext.Y, AY, ext.values, conv, ext.tnorm,
+                                        self.tol or 1e-8, self.eps_a, ext.predicted)
+                conv, residuals, verified = ver.converged, ver.residuals, True
+                self.notes.extend(ver.notes)
+                if math.isfinite(ver.noise):
+                    accuracy = max(ver.noise, self.monitor.defect)
+            if cfg.return_eigenvectors:
+                vecs = Yn.T
+        self._note_multiplicity(np.asarray(ext.values), residuals)
+        if not self.verify:
+            self.notes.append("verify=False: converged means the residual bound met tol; the "
+                              "pairs were not checked against true residuals")
+        if self._tol_raised > 0:
+            self.notes.insert(0,
+                f"tol={cfg.tol:.3g} is below the precision of the process (epsilon "
+                f"{self._tol_raised:.3g}: operator {self.eps_op:.3g}, measured "
+                f"{self.monitor.defect:.3g}, basis {self.eps_c:.3g}); converged means "
+                f"tol={self._tol_raised:.3g}"
+            )
         return LanczosResult(
-            eigenvalues=np.asarray(values[idx], dtype=np.float64),
+            eigenvalues=np.asarray(ext.values, dtype=np.float64),
             eigenvectors=vecs,
-            residual_norms=np.asarray(bnds, dtype=np.float64),
-            converged=np.asarray(conv, dtype=bool),
+            residual_norms=residuals,
+            converged=conv,
             iterations=m,
             matvecs=self.matvecs,
-            spurious_removed=int(n_spur),
-            orthogonality_loss=float("nan"),
+            spurious_removed=ext.spurious_removed,
+            orthogonality_loss=ext.orthogonality_loss,
             history=self.history,
             seconds_matvec=0.0,
             seconds_other=0.0,
             peak_memory_bytes=int(self.ledger.peak),
-            strategy="none",
+            strategy=self.strategy_name,
             which=cfg.which,
             breakdowns=self.breakdowns,
+            regularization_used=ext.regularization_used,
+            rayleigh_ritz=ext.rayleigh_ritz,
             notes=tuple(self.notes),
+            process_eps=self.eps_a,
+            tol_used=self.tol,
+            reorthogonalizations=getattr(strat, "reorths", 0),
+            operator_accuracy=float(accuracy),
+            verified=verified,
+            verification_matvecs=self.matvecs - mv_before if ext.AY is None else 0,
         )
-
-    def _second_pass(self, v_start, alpha, beta_off, S_sel, m) -> torch.Tensor:
-        """Regenerate the Lanczos vectors (same operations, so the same vectors) and
-        accumulate the Ritz vectors :math:`y_i = \\sum_j s_{ji} v_j` on the fly."""
-        p = S_sel.shape[1]
-        Y = torch.zeros(p, self.n, dtype=self.work, device=self.device)
-        self.ledger.alloc(Y)
-        St = torch.as_tensor(S_sel, dtype=self.work, device=self.device)
-        v, v_prev = v_start, None
-        beta = np.concatenate([[0.0], beta_off])
-        for j in range(m):
-            Y.add_(St[j][:, None] * v[None, :])
-            if j + 1 >= m:
-                break
-            w, alpha_t, _ = self._three_term(v, v_prev, float(beta[j]))
-            self._local_pass(v, w, alpha_t)
-            v_next = (w / float(beta[j + 1])).to(self.dtype_c).to(self.work)
-            v_prev, v = v, v_next
-        Y = Y / torch.linalg.vector_norm(Y, dim=1, keepdim=True)
-        return Y.T
-
-
-# --------------------------------------------------------------------------------------
-# The bare recurrence: tridiagonal coefficients from given start vectors (SLQ, Gauss rules)
-# --------------------------------------------------------------------------------------
-
-COEFFICIENT_REORTH = ("full", "none")
-
-
-@dataclass(frozen=True)
-class LanczosCoefficients:
-    r"""The tridiagonals of an m-step Lanczos run from each of P start vectors.
-
-    Attributes:
-        alphas: Per start vector, the diagonal :math:`\alpha_1..\alpha_{m_p}` (float64).
-        betas: Per start vector, the off-diagonal :math:`\beta_2..\beta_{m_p}` (length
-            :math:`m_p - 1`). :math:`m_p < m` when that start vector's Krylov space became
-            invariant (:math:`\beta_{j+1} \le \varepsilon^{3/4}\|T_j\|`, :math:`\varepsilon`
-            of the operator's dtype): its tridiagonal is then complete.
-        matvecs: Products with the operator (columns of the blocks, active ones only).
-    """
-
-    alphas: tuple[np.ndarray, ...]
-    betas: tuple[np.ndarray, ...]
-    matvecs: int
-
-
-def _block_cgs2(B: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-    """Classical Gram–Schmidt twice of each column of ``W`` (n, P) against its own basis
-    ``B[p]`` (j, n): ``w <- w - B^T (B w)``, all columns in one batched product."""
-    Wt = W.T.unsqueeze(2)  # (P, n, 1)
-    for _ in range(2):  # "twice is enough" (Giraud et al. 2005)
-        Wt = Wt - torch.bmm(B.transpose(1, 2), torch.bmm(B, Wt))
-    return Wt.squeeze(2).T
-
-
-def _column_dots(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-    return (X.to(torch.float64) * Y.to(torch.float64)).sum(dim=0)
-
-
-@with_parameters_fixed
-def lanczos_coefficients(
-    A: object, start: torch.Tensor, steps: int, *, reorth: str = "full"
-) -> LanczosCoefficients:
-    r"""The Lanczos tridiagonal :math:`T_m` from given start vectors, without any filtering.
-
-    From each column :math:`q_p = v_p/\|v_p\|` of ``start``, ``steps`` iterations of
-
-    .. math::
-
-        \beta_{j+1} q_{j+1} = A q_j - \alpha_j q_j - \beta_j q_{j-1},\qquad
-        \alpha_j = q_j^\top A q_j,
-
-    all columns as one block: every step is one batched product :math:`A Q` with
-    :math:`Q` of shape (n, P). This is the building block of Gauss quadrature
-    (:math:`q^\top f(A) q \approx e_1^\top f(T_m) e_1`, stochastic Lanczos quadrature).
-    Unlike :func:`lanczos` it has no stopping test, no restart after a breakdown, and no
-    Cullum–Willoughby filtering: ghosts of converged values stay in :math:`T_m` (for
-    quadrature they only split their weight).
-
-    Args:
-        A: The symmetric operator (anything :func:`lanczos` accepts).
-        start: A start vector (n,) or a block of them (n, P), in the operator's dtype and
-            on its device (nothing is cast); none may be zero.
-        steps: Iterations m per start vector, 1 <= m <= n.
-        reorth: ``"full"`` (classical Gram–Schmidt twice against the start vector's own
-            stored basis: P·m vectors of memory) or ``"none"`` (three blocks).
-
-    Returns:
-        The coefficients per start vector (a single vector gives tuples of length 1).
-
-    Raises:
-        ValueError: Bad shapes, ``steps`` outside [1, n], unknown ``reorth``, a zero start
-            vector, non-finite products.
-        TypeError: ``start`` not a tensor of the operator's dtype and device.
-    """
-    op = as_operator(A)
-    if reorth not in COEFFICIENT_REORTH:
-        raise ValueError(f"reorth must be one of {COEFFICIENT_REORTH}, got {reorth!r}")
-    if not isinstance(start, torch.Tensor):
-        raise TypeError(f"start must be a torch tensor, got {type(start).__name__}")
-    if start.dtype != op.dtype or start.device != op.device:
-        raise TypeError(f"start is {start.dtype} on {start.device}; the operator takes "
-                        f"{op.dtype} on {op.device}")
-    V = start[:, None] if start.ndim == 1 else start
-    if V.ndim != 2 or V.shape[0] != op.n:
-        raise ValueError(f"start must be (n={op.n},) or (n, P), got {tuple(start.shape)}")
-    if isinstance(steps, bool) or not isinstance(steps, int | np.integer) or not (
-            1 <= steps <= op.n):
-        raise ValueError(f"steps must be an int in [1, n={op.n}], got {steps!r}")
-    norms = _column_dots(V, V).sqrt()
-    if not bool((norms > 0).all()):
-        raise ValueError("a start vector is zero")
-    n, P = V.shape
-    eps = torch.finfo(op.dtype).eps
-    V = V / norms.to(op.dtype)
-    V_prev = torch.zeros_like(V)
-    beta_prev = torch.zeros(P, dtype=torch.float64, device=op.device)
-    # Basis as (P, steps, n): each column's vectors contiguous, for batched Gram–Schmidt.
-    basis = (torch.empty(P, steps, n, dtype=op.dtype, device=op.device) if reorth == "full"
-             else None)
-    alpha = np.zeros((steps, P))
-    beta = np.zeros((steps, P))
-    length = np.full(P, steps)
-    active = np.ones(P, dtype=bool)
-    tnorm = np.zeros(P)
-    matvecs = 0
-    for j in range(steps):
-        if basis is not None:
-            basis[:, j] = V.T
-        W = op.matmat(V)
-        matvecs += int(active.sum())
-        a = _column_dots(V, W)
-        W = W - V * a.to(op.dtype) - V_prev * beta_prev.to(op.dtype)
-        if basis is not None:
-            W = _block_cgs2(basis[:, : j + 1], W)
-        b = _column_dots(W, W).sqrt()
-        a_np, b_np = a.cpu().numpy(), b.cpu().numpy()  # one host synchronisation per step
-        if not (np.all(np.isfinite(a_np[active])) and np.all(np.isfinite(b_np[active]))):
-            raise ValueError(
-                f"Lanczos step {j} produced NaN/Inf: the operator's product is not finite"
-            )
-        alpha[j] = np.where(active, a_np, 0.0)
-        tnorm = np.maximum(tnorm, np.abs(a_np) + b_np + (beta[j - 1] if j else 0.0))
-        if j == steps - 1:
-            break
-        stop = active & (b_np <= eps**0.75 * np.maximum(tnorm, np.finfo(float).tiny))
-        length[stop] = j + 1
-        active &= ~stop
-        if not active.any():
-            break
-        beta[j] = np.where(active, b_np, 0.0)
-        keep = torch.as_tensor(active, device=op.device)
-        b_safe = torch.where(keep, b, torch.ones_like(b))
-        V_prev, V = V, torch.where(keep, W / b_safe.to(op.dtype), torch.zeros_like(W))
-        beta_prev = torch.where(keep, b, torch.zeros_like(b))
-    return LanczosCoefficients(
-        tuple(alpha[: length[p], p].copy() for p in range(P)),
-        tuple(beta[: length[p] - 1, p].copy() for p in range(P)),
-        matvecs,
-    )

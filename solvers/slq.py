@@ -43,7 +43,7 @@ import numpy as np
 
 from ._as_operator import as_operator, with_parameters_fixed
 from ._tridiagonal import tridiag_eigh
-from .lanczos import lanczos_coefficients
+from .lanczos_coefficients import lanczos_coefficients
 from .trace import (
     TraceEstimate,
     check_count,

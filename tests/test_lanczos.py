@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-from curvops.solvers._tridiagonal import cullum_willoughby, select_which
+from curvops.solvers._cullum_willoughby import cullum_willoughby
+from curvops.solvers._tridiagonal import select_which
 from curvops.solvers.lanczos import LanczosConfig, LanczosResult, lanczos
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -110,7 +111,9 @@ def test_low_rank_reports_zeros(reorth: str) -> None:
     res = lanczos(A, 6, config=LanczosConfig(reorth=reorth, tol=1e-10))
     np.testing.assert_allclose(res.eigenvalues, [3, 2, 1, 0, 0, 0], atol=1e-10 * 3)
     assert res.breakdowns >= 1
-    assert res.matvecs <= 10
+    assert res.verified and res.all_converged
+    # The iterations' products, then one batched product of the 6 Ritz vectors.
+    assert res.matvecs - res.verification_matvecs <= 10 and res.verification_matvecs == 6
 
 
 class _GramOperator:
@@ -208,8 +211,8 @@ def test_none_with_cullum_willoughby_is_right_on_long_run() -> None:
     np.testing.assert_allclose(res.eigenvalues, [10, 9, 8, 7, 6], rtol=1e-10)
     assert res.iterations == 250
     assert res.spurious_removed > 0
-    V = res.eigenvectors.numpy()  # second pass
-    assert res.matvecs == 2 * 250 - 1
+    V = res.eigenvectors.numpy()  # second pass: its products also verify the pairs
+    assert res.matvecs == 2 * 250 and res.verified
     np.testing.assert_allclose(np.abs(V.T @ V), np.eye(5), atol=1e-8)
     assert np.max(np.linalg.norm(A @ V - V * res.eigenvalues, axis=0)) < 1e-8
 
@@ -327,7 +330,12 @@ def test_matvecs_against_eigsh(name: str) -> None:
         res = lanczos(A, 5, config=LanczosConfig(reorth=reorth, tol=1e-10,
                                                  return_eigenvectors=False), v0=v0)
         assert rel_err(res.eigenvalues, ref, np.abs(ref).max()) <= 1e-10
-        assert res.matvecs <= factor * op.count, (reorth, res.matvecs, op.count)
+        assert res.all_converged and res.verified
+        # The recurrence's products against ARPACK's; the verification adds one batched
+        # product of the k Ritz vectors ("none": its second pass verifies, counted here).
+        iters = res.matvecs - res.verification_matvecs
+        assert iters <= factor * op.count, (reorth, res.matvecs, op.count)
+        assert res.verification_matvecs == (0 if reorth == "none" else 5)
 
 
 # ---------------------------------------------------------------------- bf16 basis
@@ -369,7 +377,9 @@ def test_none_peak_memory_independent_of_iterations(iters: int) -> None:
                            "device": torch.device("cpu"), "matvec": lambda self, v: d * v})()
     res = lanczos(op, 3, config=LanczosConfig(reorth="none", tol=0, max_iters=iters,
                                               return_eigenvectors=False))
-    assert res.peak_memory_bytes == 4 * n * 8  # four vectors, whatever the iteration count
+    # Four vectors, and the second pass's Ritz vectors with their products (3 each: no
+    # copies here), whatever the iteration count.
+    assert res.peak_memory_bytes == (4 + 2 * 3) * n * 8
     full = lanczos(op, 3, config=LanczosConfig(reorth="full", tol=0, max_iters=iters,
                                                return_eigenvectors=False))
     assert full.peak_memory_bytes >= iters * n * 8
@@ -438,7 +448,7 @@ def test_seed_mapping_and_k_argument() -> None:
 def test_tol_zero_runs_to_max_iters_and_cap_is_hard() -> None:
     A = MATRICES["clustered"]
     res = lanczos(A, 3, config=LanczosConfig(tol=0, max_iters=17, record_history=True))
-    assert res.iterations == 17 and res.matvecs == 17
+    assert res.iterations == 17 and res.matvecs - res.verification_matvecs == 17
     assert len(res.history) == 17 and res.history[-1].size == 17
     capped = lanczos(A, 5, config=LanczosConfig(tol=1e-12, max_iters=10))
     assert capped.iterations == 10 and not capped.all_converged

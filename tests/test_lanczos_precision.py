@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 from curvops.solvers._as_operator import as_operator
-from curvops.solvers.lanczos import LanczosConfig, lanczos, lanczos_coefficients
+from curvops.solvers.lanczos import LanczosConfig, lanczos
+from curvops.solvers.lanczos_coefficients import lanczos_coefficients
 from scipy.sparse.linalg import LinearOperator
 
 STRATEGIES = ("full", "selective", "partial", "none")
@@ -110,13 +111,32 @@ def test_noisy_operator_with_operator_eps(reorth: str, tol: float) -> None:
 
 
 @pytest.mark.parametrize("reorth", ["selective", "none"])
-def test_noisy_operator_without_operator_eps_has_ghosts(reorth: str) -> None:
-    # What operator_eps is for: with float64 thresholds the noise goes unnoticed and
-    # lambda_1 fills the top slots (measured: 10.001 five times).
+def test_noisy_operator_without_operator_eps_is_measured(reorth: str) -> None:
+    # Without operator_eps the run measures the noise itself (with float64 thresholds it
+    # went unnoticed and lambda_1 filled the top slots: 10.001 five times).
     cap = 150 if reorth != "none" else 450
     res = lanczos(NoisyOperator(), 5, config=LanczosConfig(
         reorth=reorth, tol=1e-10, max_iters=cap, return_eigenvectors=False))
-    assert np.sum(np.abs(res.eigenvalues - 10.0) < 0.05) >= 2
+    assert np.sum(np.abs(res.eigenvalues - 10.0) < 0.05) == 1
+    np.testing.assert_allclose(res.eigenvalues, SPECTRUM[:5], atol=3e-3 * 10, rtol=0)
+    assert res.process_eps > 1e-6  # raised far above float64's epsilon by measurement
+
+
+@pytest.mark.parametrize("reorth", ["selective", "partial"])
+def test_negative_control_without_measurement_ghosts_are_caught(monkeypatch, reorth) -> None:
+    # The solver as it was, with float64 thresholds on a noisy operator: measurement and
+    # probes switched off. It returns wrong values; the verification must catch them all.
+    from curvops.solvers import _lanczos_strategies, _operator_accuracy
+
+    monkeypatch.setattr(_operator_accuracy.AccuracyMonitor, "observe",
+                        lambda self, t, s, tnorm, it: 1.0)
+    monkeypatch.setattr(_lanczos_strategies._BasisStrategy, "probe", lambda self, j, w: None)
+    monkeypatch.setattr(_lanczos_strategies._BasisStrategy, "_grew", lambda self, st: False)
+    res = lanczos(NoisyOperator(), 5, config=LanczosConfig(
+        reorth=reorth, tol=1e-10, max_iters=150))
+    wrong = np.abs(res.eigenvalues - SPECTRUM[: res.eigenvalues.size]) > 100 * 1e-3 * 10
+    assert wrong.any()  # the control does produce wrong values ...
+    assert not np.any(wrong & res.converged)  # ... and none of them is flagged converged
 
 
 def test_operator_eps_and_tol_floor_are_validated() -> None:

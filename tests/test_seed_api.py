@@ -185,7 +185,9 @@ def relerr(a, b):
     return float(np.max(np.abs(np.asarray(a) - b) / np.abs(b)))
 
 
-ACCURATE = {"max_iter": 150, "tol": 1e-13}
+# tol far below what semi-orthogonal Ritz vectors deliver as true residuals (~1e-11 here):
+# only full reorthogonalization verifies at 1e-13.
+ACCURATE = {"max_iter": 150, "tol": 1e-13, "reorth": "full"}
 
 
 # --- float64: equal to independent references ------------------------------------------

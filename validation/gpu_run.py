@@ -754,6 +754,9 @@ def solver_bytes_estimate(n: int, strategy: str, op_dtype: torch.dtype,
         # the wanted k and two more (one block for k <= 14), plus those being formed.
         cache_rows = 16 * math.ceil((k + 2) / 16) + k + 2
         parts["selective_cache"] = cache_rows * n * work if strategy == "selective" else 0
+    # The verification: the k Ritz vectors, the relation's prediction of their products and
+    # the products themselves ("none": vectors and products of the second pass).
+    parts["verification"] = 3 * k * n * work + k * n * b_op
     parts["total"] = max(parts["start_vector"], sum(v for key, v in parts.items()
                                                     if key != "start_vector"))
     return parts
