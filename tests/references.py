@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import pytest
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, hessian, jacrev
@@ -326,6 +327,34 @@ def reinit_(model: nn.Module, seed: int, scale: float = 0.5) -> nn.Module:
         for p in model.parameters():
             p.copy_(scale * torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype))
     return model
+
+
+class CountingNet(nn.Module):
+    """MLP 3-4-2 (tanh) that counts its forward passes (to prove checks come before work)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(3, 4)
+        self.fc2 = nn.Linear(4, 2)
+        self.forwards = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.forwards += 1
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def assert_refused(exc, model, loss_fn, batches, match=None, *, classes, max_forwards=0,
+                   **kwargs) -> None:
+    """Every operator class in ``classes`` refuses at construction, after at most
+    ``max_forwards`` forward passes of a :class:`CountingNet` (0: before touching the model;
+    2: the determinism check's two no-grad passes)."""
+    for cls in classes:
+        if isinstance(model, CountingNet):
+            model.forwards = 0
+        with pytest.raises(exc, match=match):
+            cls(model, loss_fn, batches, **kwargs)
+        if isinstance(model, CountingNet):
+            assert model.forwards <= max_forwards, cls.__name__
 
 
 def class_targets(gen: torch.Generator, shape: tuple[int, ...], num_classes: int) -> Tensor:

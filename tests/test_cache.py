@@ -30,13 +30,6 @@ DT = torch.float64
 TOL = {"rtol": 1e-10, "atol": 1e-12}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These products are tiny: one thread avoids OpenMP waits on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- models and data -------------------------------------------------------------------------

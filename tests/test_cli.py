@@ -13,14 +13,6 @@ from curvops.adapters.cli import main
 from curvops.validation import zoo
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _dense_top(model, loss_fn, data, name, k):
     op = zoo.make_operator(name, model, loss_fn, data)
     return torch.linalg.eigvalsh(op.to_dense()).flip(0)[:k].numpy()

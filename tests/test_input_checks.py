@@ -3,6 +3,8 @@ check leaves the model's buffers and the RNG as they were."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import references as R
 import torch
@@ -19,22 +21,8 @@ ALL = [HessianOperator, GGNOperator, FisherOperator, EmpiricalFisherOperator]
 
 
 
-class CountingNet(nn.Module):
-    """MLP 3-4-2 that counts its forward passes (to prove checks come before products)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(3, 4)
-        self.fc2 = nn.Linear(4, 2)
-        self.forwards = 0
-
-    def forward(self, x: Tensor) -> Tensor:
-        self.forwards += 1
-        return self.fc2(torch.tanh(self.fc1(x)))
-
-
-def net() -> CountingNet:
-    return R.reinit_(CountingNet().double(), 1)
+def net() -> R.CountingNet:
+    return R.reinit_(R.CountingNet().double(), 1)
 
 
 def data(n: int = 4, targets: str = "class", seed: int = 2) -> tuple[Tensor, Tensor]:
@@ -49,16 +37,7 @@ CE = nn.CrossEntropyLoss()
 MSE = nn.MSELoss()
 
 
-def assert_refused(exc, model, loss_fn, batches, match=None, max_forwards=0, **kwargs):
-    """Every operator class refuses at construction, after at most ``max_forwards`` passes
-    (0: before touching the model; 2: the determinism check's two no-grad passes)."""
-    for cls in ALL:
-        if isinstance(model, CountingNet):
-            model.forwards = 0
-        with pytest.raises(exc, match=match):
-            cls(model, loss_fn, batches, **kwargs)
-        if isinstance(model, CountingNet):
-            assert model.forwards <= max_forwards, cls.__name__
+assert_refused = functools.partial(R.assert_refused, classes=ALL)
 
 
 # --------------------------------------------------------------------------------------

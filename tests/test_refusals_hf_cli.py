@@ -27,12 +27,6 @@ from torch import nn
 V, POSITIONS = 50, 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _transformers():

@@ -39,20 +39,6 @@ def global_rng_untouched():
     assert torch.equal(torch.get_rng_state(), before), "the test changed the global RNG"
 
 
-class CountingNet(nn.Module):
-    """MLP 3-4-2 (tanh) that counts its forward passes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(3, 4)
-        self.fc2 = nn.Linear(4, 2)
-        self.forwards = 0
-
-    def forward(self, x: Tensor) -> Tensor:
-        self.forwards += 1
-        return self.fc2(torch.tanh(self.fc1(x)))
-
-
 def built(make, seed: int = 1) -> nn.Module:
     """``make()`` with seeded parameters; torch's default initialisation draws from the
     global RNG, so it runs on a forked one."""
@@ -61,8 +47,8 @@ def built(make, seed: int = 1) -> nn.Module:
     return R.reinit_(model, seed)
 
 
-def net(dtype: torch.dtype = DT) -> CountingNet:
-    return built(CountingNet).to(dtype)
+def net(dtype: torch.dtype = DT) -> R.CountingNet:
+    return built(R.CountingNet).to(dtype)
 
 
 def data(n: int = 4, seed: int = 2, features: int = 3) -> tuple[Tensor, Tensor]:
@@ -73,13 +59,8 @@ def data(n: int = 4, seed: int = 2, features: int = 3) -> tuple[Tensor, Tensor]:
 
 def refused(exc, model, loss_fn, batches, match, classes=WITH_GRAM, max_forwards=0, **kwargs):
     """Every class refuses at construction, after at most ``max_forwards`` forward passes."""
-    for cls in classes:
-        if isinstance(model, CountingNet):
-            model.forwards = 0
-        with pytest.raises(exc, match=match):
-            cls(model, loss_fn, batches, **kwargs)
-        if isinstance(model, CountingNet):
-            assert model.forwards <= max_forwards, cls.__name__
+    R.assert_refused(exc, model, loss_fn, batches, match, classes=classes,
+                     max_forwards=max_forwards, **kwargs)
 
 
 def ones(op) -> Tensor:

@@ -12,16 +12,6 @@ from curvops.validation import crosscheck as cc
 from curvops.validation import ladder, report, zoo
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Products of these ~100-parameter models do not parallelise; a second thread only
-    # contends with the rest of the suite for the 2 cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _dense_top(op, k):
     return torch.linalg.eigvalsh(op.to_dense()).flip(0)[:k].numpy()
 
