@@ -116,9 +116,9 @@ class GhostFilter:
         which: "LA", "SA", "LM" or "BE".
         enabled: Apply the test (False shows the raw tridiagonal: ghosts included).
         eps_work: Unit roundoff of the working vectors.
+        eps_floor: The precision the dtypes (or ``operator_eps``) state.
 
     Attributes:
-        eps_floor: The precision the dtypes (or ``operator_eps``) state.
         defect: The measured relative step defect of the products (kept current by the run).
     """
 
@@ -132,9 +132,10 @@ class GhostFilter:
     #: 3x the largest defect after 40 iterations at relative noise 1e-7).
     GHOST_SPREAD = 10.0
 
-    def __init__(self, k: int, which: str, enabled: bool, eps_work: float) -> None:
+    def __init__(self, k: int, which: str, enabled: bool, eps_work: float,
+                 eps_floor: float) -> None:
         self.k, self.which, self.enabled, self.eps_w = k, which, enabled, eps_work
-        self.eps_floor = eps_work
+        self.eps_floor = eps_floor
         self.defect = 0.0
         self.locked: list[tuple[float, float]] = []
 

@@ -84,20 +84,23 @@ class Relation:
     :math:`C` holds the tridiagonal and every coefficient a reorthogonalization removed
     along basis rows, :math:`D` those removed along the selective cache :math:`Y_c`;
     :math:`F` is what the products (and the arithmetic) got wrong. Coefficients stay on
-    the device until the end (no host sync).
+    the device until the end (no host sync). Recorded only when something reads it (the
+    verification, the Rayleigh–Ritz step of a low-precision basis).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
         self.rows: list[tuple[int, np.ndarray | None, torch.Tensor]] = []
         self.cache: list[tuple[int, torch.Tensor]] = []
 
     def add_rows(self, j: int, rows: np.ndarray | None, h: torch.Tensor) -> None:
         """Step j removed ``h`` along basis ``rows`` (None: rows 0..len(h)-1)."""
-        self.rows.append((j, rows, h))
+        if self.enabled:
+            self.rows.append((j, rows, h))
 
     def add_cache(self, j: int, d: torch.Tensor) -> None:
         """Step j removed ``d`` along the first len(d) cached Ritz vectors."""
-        if d.numel():
+        if self.enabled and d.numel():
             self.cache.append((j, d))
 
     def matrices(self, alpha: np.ndarray, couplings: np.ndarray, g: int):
@@ -173,7 +176,7 @@ class Strategy:
 
     def __init__(self, ctx) -> None:
         self.ctx = ctx
-        self.relation = Relation()
+        self.relation = Relation(ctx.verify or ctx.use_rr)
 
     # -- iteration hooks -----------------------------------------------------------------
     def begin(self, v: torch.Tensor) -> torch.Tensor:
@@ -231,10 +234,6 @@ class _BasisStrategy(Strategy):
     #: against the whole basis before the breakdown test.
     NEAR_INVARIANT = 1e-3
 
-    #: Basis rows whose overlap with the next vector is measured every iteration (besides
-    #: the first two, one in the middle and one that rotates): the check of the model.
-    PROBE_ROWS = 4
-
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
         block = block_rows_for(ctx.n, ctx.dtype_c, ctx.basis_device, ctx.m_max + 1)
@@ -256,7 +255,8 @@ class _BasisStrategy(Strategy):
         return float(torch.linalg.vector_norm(w))
 
     def probe(self, j: int, w: torch.Tensor) -> torch.Tensor | None:
-        # Rows 0..j-2: v_j and v_{j-1} are kept orthogonal locally.
+        # The check of the model: the overlaps with rows 0, 1, one in the middle and one
+        # that rotates; rows 0..j-2 only (v_j and v_{j-1} are kept orthogonal locally).
         if j < 2:
             self._probe_rows = np.zeros(0, dtype=np.int64)
             return None
@@ -338,7 +338,8 @@ class _BasisStrategy(Strategy):
         bound_conv = bounds <= convergence_thresholds(theta[idx], tnorm, ctx.tol or 1e-8)
         values, S_sel = theta[idx], S[:, idx]
         cache = self._cache()
-        C, D = self.relation.matrices(a, b, cache.count if cache is not None else 0)
+        if self.relation.enabled:
+            C, D = self.relation.matrices(a, b, cache.count if cache is not None else 0)
         G = None
         ortho = float("nan")
         if ctx.use_rr or cfg.measure_orthogonality:
@@ -381,9 +382,10 @@ class FullReorth(_BasisStrategy):
     def orthogonalize(self, j, w, a1):
         w, h = self.basis.cgs2(w, j + 1)
         self.reorths += 1
-        rec = h.clone()
-        rec[j] = 0.0  # its coefficient on v_j goes into alpha_j
-        self.relation.add_rows(j, None, rec)
+        if self.relation.enabled:
+            rec = h.clone()
+            rec[j] = 0.0  # its coefficient on v_j goes into alpha_j
+            self.relation.add_rows(j, None, rec)
         return a1 + h[j]
 
     def probe(self, j, w):
@@ -564,8 +566,8 @@ class NoReorth(Strategy):
 
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
-        self.filter = GhostFilter(ctx.k, ctx.cfg.which, ctx.cfg.cullum_willoughby, ctx.eps_w)
-        self.filter.eps_floor = ctx.monitor.eps_floor
+        self.filter = GhostFilter(ctx.k, ctx.cfg.which, ctx.cfg.cullum_willoughby, ctx.eps_w,
+                                  ctx.monitor.eps_floor)
         self.v_start: torch.Tensor | None = None
         self.reorths = 0
         self.replay_failed = False

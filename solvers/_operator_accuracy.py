@@ -48,7 +48,6 @@ class AccuracyMonitor:
         self.eps_floor = eps_floor
         self.limit = self.SYMMETRY_LIMIT if symmetry_limit is None else symmetry_limit
         self.defect = 0.0  # running max of |d_j| / ||T_j||
-        self.observations = 0
 
     @property
     def eps_a(self) -> float:
@@ -65,7 +64,6 @@ class AccuracyMonitor:
         if tnorm <= 0.0:
             return 1.0
         rel = abs(t - s) / tnorm
-        self.observations += 1
         if rel > self.limit:
             raise NonSymmetricOperatorError(
                 f"the operator is not symmetric: at iteration {iteration}, "

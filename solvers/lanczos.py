@@ -475,7 +475,6 @@ class _Run:
         self.vec_bytes = self.n * torch.empty(0, dtype=self.work).element_size()
         self.pbar = None
         self._wbuf: torch.Tensor | None = None
-        self._tol_raised = 0.0
 
     # -- the precision of the process, as measured so far ----------------------------
     @property
@@ -496,10 +495,7 @@ class _Run:
         if tol == 0.0:
             return 0.0
         floor = max(self.eps_op, self.monitor.defect) if self.use_rr else self.eps_a
-        if tol >= floor:
-            return tol
-        self._tol_raised = max(self._tol_raised, floor)
-        return floor
+        return max(tol, floor)
 
     def breaks_down(self, beta_next: float) -> bool:
         """Whether ``beta_next`` is rounding noise of ``||A||`` (an invariant subspace)."""
@@ -594,7 +590,7 @@ class _Run:
             stop = strat.converged(m, alpha, beta, st.beta_next)
             if self.history is not None:
                 self.history.append(tridiag_eigvals(np.asarray(alpha), np.asarray(beta[1:m])))
-            if stop or m >= self.m_max or m >= self.n and strat.keeps_basis:
+            if stop or m >= self.m_max:  # m_max <= n for the strategies with a basis
                 break
             if st.breakdown and strat.ends_on_breakdown:
                 self.notes.append(
@@ -658,12 +654,13 @@ class _Run:
         if not self.verify:
             self.notes.append("verify=False: converged means the residual bound met tol; the "
                               "pairs were not checked against true residuals")
-        if self._tol_raised > 0:
+        # The floor only rises during a run: the final tol is the largest one applied.
+        if 0 < cfg.tol < self.tol:
             self.notes.insert(0,
                 f"tol={cfg.tol:.3g} is below the precision of the process (epsilon "
-                f"{self._tol_raised:.3g}: operator {self.eps_op:.3g}, measured "
+                f"{self.tol:.3g}: operator {self.eps_op:.3g}, measured "
                 f"{self.monitor.defect:.3g}, basis {self.eps_c:.3g}); converged means "
-                f"tol={self._tol_raised:.3g}"
+                f"tol={self.tol:.3g}"
             )
         return LanczosResult(
             eigenvalues=np.asarray(ext.values, dtype=np.float64),
