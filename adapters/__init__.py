@@ -1,35 +1,27 @@
-"""Where things come from and go to: HF models, the scipy and cupy views, the CLI.
+"""Front doors: from a model and its data to a result.
 
-The HuggingFace adapter (``curvops.adapters.hf``) and the cupy view import their optional
-dependencies only when used.
+The seed API (:func:`compute_fisher_eigenvalues_lanczos`,
+:func:`compute_hessian_eigenvalues_lanczos`, :func:`compute_spectrum`,
+:func:`compute_spectrum_comparison`) builds the operator for a torch or HuggingFace model
+and runs Lanczos on it; :class:`FisherSpectral` runs the Gram-trick spectral analysis of the
+empirical Fisher. Both sit above :mod:`curvops.linops` and :mod:`curvops.solvers` and below
+:mod:`curvops.validation` and the command line.
 """
 
-from .array_view import view_dtype
-from .cupy_view import to_cupy
-from .memory import MicroBatchPlan, plan_micro_batches
-from .scipy_view import ScipyView, to_scipy
-
-_HF_NAMES = ("LanguageModelObjective", "hf_objective", "attention_product_context", "is_hf_model")
-
-
-def __getattr__(name: str) -> object:
-    # transformers is optional: touch curvops.adapters.hf only when one of its names is asked for.
-    if name in _HF_NAMES:
-        from . import hf
-
-        return getattr(hf, name)
-    raise AttributeError(f"module 'curvops.adapters' has no attribute {name!r}")
-
+from .fisher_spectral import FisherSpectral, SpectralConfig, stable_int_hash
+from .seed_api import (
+    compute_fisher_eigenvalues_lanczos,
+    compute_hessian_eigenvalues_lanczos,
+    compute_spectrum,
+    compute_spectrum_comparison,
+)
 
 __all__ = [
-    "LanguageModelObjective",
-    "MicroBatchPlan",
-    "ScipyView",
-    "attention_product_context",
-    "hf_objective",
-    "is_hf_model",
-    "plan_micro_batches",
-    "to_cupy",
-    "to_scipy",
-    "view_dtype",
+    "FisherSpectral",
+    "SpectralConfig",
+    "compute_fisher_eigenvalues_lanczos",
+    "compute_hessian_eigenvalues_lanczos",
+    "compute_spectrum",
+    "compute_spectrum_comparison",
+    "stable_int_hash",
 ]

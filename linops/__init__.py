@@ -1,7 +1,21 @@
-"""Torch-native curvature operators over the flattened, concatenated parameters."""
+"""Inputs, torch-native curvature operators and their array views (the lowest layer).
 
-from .algebra import IdentityOperator, ScaledOperator, SumOperator
-from .base import LinearOperatorBase
+* Inputs and objectives: parameter selection (:mod:`.params`), losses (:mod:`.losses`),
+  objectives and data sources (:mod:`.objective`, :mod:`.data`), HuggingFace models
+  (:mod:`.hf`; transformers itself is imported only when a model is wrapped).
+* Views: the scipy and cupy ``LinearOperator`` views (:mod:`.scipy_view`,
+  :mod:`.cupy_view`, both built on :mod:`.array_view`; cupy is imported only when used).
+* Operators over the flattened, concatenated parameters: the base class and its algebra
+  (:mod:`.base`), Hessian/GGN/Fisher (:mod:`.curvature`), the Gram operator
+  (:mod:`.gram`), per-example gradients (:mod:`.per_example`).
+* Micro-batch memory planning (:mod:`.memory`).
+
+Nothing here imports :mod:`curvops.solvers`, :mod:`curvops.adapters` or anything above.
+"""
+
+from .array_view import view_dtype
+from .base import IdentityOperator, LinearOperatorBase, ScaledOperator, SumOperator
+from .cupy_view import to_cupy
 from .curvature import (
     CurvatureOperator,
     EmpiricalFisherOperator,
@@ -10,10 +24,13 @@ from .curvature import (
     HessianOperator,
 )
 from .gram import GramOperator
+from .hf import LanguageModelObjective, attention_product_context, hf_objective, is_hf_model
 from .losses import LossKind, TorchLoss
+from .memory import MicroBatchPlan, plan_micro_batches
 from .objective import Count, Objective, Rows, TorchObjective
 from .params import ParameterSpace, select_parameters
 from .per_example import GradientChunk, per_example_gradient_chunks, per_example_gradients
+from .scipy_view import ScipyView, to_scipy
 
 __all__ = [
     "Count",
@@ -25,16 +42,26 @@ __all__ = [
     "GramOperator",
     "HessianOperator",
     "IdentityOperator",
+    "LanguageModelObjective",
     "LinearOperatorBase",
     "LossKind",
+    "MicroBatchPlan",
     "Objective",
     "ParameterSpace",
     "Rows",
     "ScaledOperator",
+    "ScipyView",
     "SumOperator",
     "TorchLoss",
     "TorchObjective",
+    "attention_product_context",
+    "hf_objective",
+    "is_hf_model",
     "per_example_gradient_chunks",
     "per_example_gradients",
+    "plan_micro_batches",
     "select_parameters",
+    "to_cupy",
+    "to_scipy",
+    "view_dtype",
 ]

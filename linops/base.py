@@ -1,8 +1,10 @@
-"""The linear-operator base class: shapes, checks, views, algebra.
+"""The linear-operator base class and its algebra: shapes, checks, views, sums, scalings.
 
 Subclasses implement ``_matmat`` on an ``(n, m)`` tensor already checked for shape,
 dtype and device. Everything else (``matvec``, ``@``, dense materialisation, the
-scipy/cupy views, sums, scalings and damping) is shared.
+scipy/cupy views, sums, scalings and damping) is shared. The algebra's operators
+(:class:`IdentityOperator`, :class:`ScaledOperator`, :class:`SumOperator`) live here
+because the base class's ``+``, ``*`` and :meth:`~LinearOperatorBase.damped` build them.
 """
 
 from __future__ import annotations
@@ -10,12 +12,15 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from .checks import as_real
+from .cupy_view import to_cupy
+from .scipy_view import to_scipy
 
 # Materialising more than this many bytes needs an explicit ``max_bytes``.
 DEFAULT_DENSE_LIMIT_BYTES = 2 * 1024**3
@@ -124,20 +129,14 @@ class LinearOperatorBase:
             dtype: ``numpy.float32`` or ``numpy.float64``; default the operator's dtype
                 for fp32/fp64 operators and float32 for bf16/fp16 ones.
         """
-        from curvops.adapters.scipy_view import to_scipy
-
         return to_scipy(self, dtype)
 
     def to_cupy(self, dtype: Any = None) -> Any:
         """A ``cupyx.scipy.sparse.linalg.LinearOperator`` view (GPU-resident, via DLPack)."""
-        from curvops.adapters.cupy_view import to_cupy
-
         return to_cupy(self, dtype)
 
     # --- algebra --------------------------------------------------------------------------
     def __add__(self, other: Any) -> LinearOperatorBase:
-        from .algebra import SumOperator
-
         if isinstance(other, LinearOperatorBase):
             return SumOperator([self, other])
         if isinstance(other, numbers.Number):
@@ -151,8 +150,6 @@ class LinearOperatorBase:
         return self.__add__(other)
 
     def __mul__(self, scalar: Any) -> LinearOperatorBase:
-        from .algebra import ScaledOperator
-
         factor = as_real(scalar)
         if factor is None:
             return NotImplemented
@@ -178,8 +175,6 @@ class LinearOperatorBase:
             TypeError: If ``damping`` is not a real number.
             ValueError: If it is NaN or infinite.
         """
-        from .algebra import IdentityOperator
-
         lam = as_real(damping)
         if lam is None:
             raise TypeError(f"damping must be a real number, got {damping!r}")
@@ -191,3 +186,89 @@ class LinearOperatorBase:
         return (
             f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype}, device={self.device})"
         )
+
+
+class IdentityOperator(LinearOperatorBase):
+    """The identity on ``n``-vectors.
+
+    Args:
+        n: Dimension.
+        dtype: Vector dtype.
+        device: Vector device.
+    """
+
+    is_psd = True
+
+    def __init__(self, n: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+        self.shape = (int(n), int(n))
+        self.dtype = dtype
+        self.device = torch.device(device)
+
+    @classmethod
+    def like(cls, op: LinearOperatorBase) -> IdentityOperator:
+        """The identity on ``op``'s space."""
+        return cls(op.shape[0], op.dtype, op.device)
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return V.clone()
+
+
+class ScaledOperator(LinearOperatorBase):
+    """``scalar · A``."""
+
+    def __init__(self, op: LinearOperatorBase, scalar: float) -> None:
+        self.op, self.scalar = op, float(scalar)
+        self.shape, self.dtype, self.device = op.shape, op.dtype, op.device
+        self.is_psd = op.is_psd and self.scalar >= 0.0
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return self.scalar * self.op._matmat(V)
+
+    def parameters_fixed(self) -> contextlib.AbstractContextManager:
+        return self.op.parameters_fixed()
+
+    def __mul__(self, scalar: object) -> LinearOperatorBase:
+        factor = as_real(scalar)
+        if factor is None:
+            return NotImplemented
+        return ScaledOperator(self.op, self.scalar * factor)
+
+    __rmul__ = __mul__
+
+
+class SumOperator(LinearOperatorBase):
+    """``A₁ + A₂ + …`` on one space.
+
+    Raises:
+        ValueError: If shapes or devices differ.
+        TypeError: If dtypes differ (no silent cast).
+    """
+
+    def __init__(self, ops: Sequence[LinearOperatorBase]) -> None:
+        flat: list[LinearOperatorBase] = []
+        for op in ops:
+            flat.extend(op.ops if isinstance(op, SumOperator) else [op])
+        first = flat[0]
+        for op in flat[1:]:
+            if op.shape != first.shape:
+                raise ValueError(f"cannot add operators of shapes {first.shape} and {op.shape}")
+            if op.dtype != first.dtype:
+                raise TypeError(f"cannot add operators of dtypes {first.dtype} and {op.dtype}")
+            if op.device != first.device:
+                raise ValueError(f"cannot add operators on {first.device} and {op.device}")
+        self.ops = flat
+        self.shape, self.dtype, self.device = first.shape, first.dtype, first.device
+        self.is_psd = all(op.is_psd for op in flat)
+
+    def parameters_fixed(self) -> contextlib.AbstractContextManager:
+        stack = contextlib.ExitStack()
+        with stack:  # exits what was entered if a later entry fails
+            for op in self.ops:
+                stack.enter_context(op.parameters_fixed())
+            return stack.pop_all()
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        out = self.ops[0]._matmat(V)
+        for op in self.ops[1:]:
+            out = out + op._matmat(V)
+        return out

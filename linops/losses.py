@@ -223,7 +223,7 @@ class TorchLoss:
         else:
             raise TypeError(
                 f"unsupported loss {type(loss_fn).__name__}; supported: {SUPPORTED_LOSSES} "
-                "(or a curvops objective such as curvops.adapters.hf.LanguageModelObjective)"
+                "(or a curvops objective such as curvops.linops.hf.LanguageModelObjective)"
             )
         if reduction not in ("mean", "sum"):
             raise ValueError(f"loss reduction must be 'mean' or 'sum', got {reduction!r}")

@@ -6,7 +6,7 @@ number of loss terms for ``mean``). An :class:`Objective` maps a batch to
 :class:`Rows` (predictions ``(R, C)``, targets, and the example of each row), counts
 examples and loss terms without a forward pass, and splits batches into
 micro-batches. :class:`TorchObjective` serves plain modules with a torch loss;
-``curvops.adapters.hf`` provides the language-model objective.
+``curvops.linops.hf`` provides the language-model objective.
 """
 
 from __future__ import annotations

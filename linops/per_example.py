@@ -142,7 +142,8 @@ def _vmappable_loss(
     if task in ("causal_lm", "masked_lm", "sequence_classification") and hasattr(
         objective, "model_inputs"
     ):
-        # curvops.adapters.hf.LanguageModelObjective (duck-typed: linops never imports adapters).
+        # A language-model objective (curvops.linops.hf.LanguageModelObjective or one with the
+        # same methods: duck-typed).
         def prepare_lm(model: nn.Module, batch: Any) -> Any:
             return {"kwargs": objective.model_inputs(model, batch), "y": objective.targets(batch)}
 

@@ -1,11 +1,11 @@
-"""Algorithms that work on any operator: Lanczos, estimators, solves, Gram analysis, the seed API.
+"""Algorithms that work on any operator: Lanczos, estimators, linear solves, metrics, blocks.
 
 Every function accepts a curvops operator, a ``scipy.sparse.linalg.LinearOperator``, a numpy
 array, a torch tensor, or anything with ``shape`` and ``matvec``.
 """
 
+from ._as_operator import NonFiniteProductError, NonSymmetricOperatorError
 from .blocks import assign_blocks, layer_block, layer_index, module_type
-from .fisher_spectral import FisherSpectral, SpectralConfig, stable_int_hash
 from .lanczos import LanczosConfig, LanczosResult, lanczos
 from .lanczos_coefficients import LanczosCoefficients, lanczos_coefficients
 from .linear_solve import (
@@ -18,12 +18,6 @@ from .linear_solve import (
     natural_gradient,
 )
 from .metrics import condition_number, effective_rank, spectrum_metrics
-from .seed_api import (
-    compute_fisher_eigenvalues_lanczos,
-    compute_hessian_eigenvalues_lanczos,
-    compute_spectrum,
-    compute_spectrum_comparison,
-)
 from .slq import (
     QuadratureRule,
     SpectralDensity,
@@ -44,23 +38,19 @@ from .trace import (
 __all__ = [
     "DiagonalEstimate",
     "DiagonalPreconditioner",
-    "FisherSpectral",
     "LanczosCoefficients",
     "LanczosConfig",
     "LanczosResult",
     "LowRankPreconditioner",
     "NaturalGradient",
+    "NonFiniteProductError",
+    "NonSymmetricOperatorError",
     "QuadratureRule",
     "SolveResult",
-    "SpectralConfig",
     "SpectralDensity",
     "TraceEstimate",
     "assign_blocks",
     "cg",
-    "compute_fisher_eigenvalues_lanczos",
-    "compute_hessian_eigenvalues_lanczos",
-    "compute_spectrum",
-    "compute_spectrum_comparison",
     "condition_number",
     "effective_rank",
     "exact_diagonal",
@@ -78,6 +68,5 @@ __all__ = [
     "slq_quadrature",
     "spectral_density",
     "spectrum_metrics",
-    "stable_int_hash",
     "trace_function",
 ]

@@ -10,6 +10,10 @@ of them into a :class:`TorchOperator`: a callable on 1-D torch vectors with
 over columns otherwise. The one documented
 conversion is the numpy boundary of scipy-style operators (torch -> numpy on the CPU
 and back), because numpy code cannot take torch tensors.
+
+The conditions every solver refuses the same way live here too: a product that returns
+NaN/Inf (:class:`NonFiniteProductError`), an operator that is clearly not symmetric
+(:class:`NonSymmetricOperatorError`), and a bad user vector (:func:`check_vector`).
 """
 
 from __future__ import annotations
@@ -23,7 +27,15 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-__all__ = ["TorchOperator", "as_operator", "with_parameters_fixed"]
+__all__ = [
+    "NonFiniteProductError",
+    "NonSymmetricOperatorError",
+    "TorchOperator",
+    "as_operator",
+    "check_vector",
+    "non_finite_product",
+    "with_parameters_fixed",
+]
 
 R = TypeVar("R")
 
@@ -32,6 +44,83 @@ _NUMPY_TO_TORCH = {
     np.dtype(np.float64): torch.float64,
     np.dtype(np.float16): torch.float16,
 }
+
+
+class NonFiniteProductError(ValueError, FloatingPointError):
+    """A product with the operator returned NaN or Inf.
+
+    Raised by every solver (``lanczos``, ``lanczos_coefficients`` and the SLQ estimators
+    built on it, the trace and diagonal estimators, ``cg``, ``minres``). It is a
+    ``ValueError``, like every other refusal of what the user passed, and a
+    ``FloatingPointError``, the built-in exception for failed floating-point arithmetic:
+    ``except ValueError`` and ``except FloatingPointError`` both catch it.
+    """
+
+
+class NonSymmetricOperatorError(ValueError):
+    """The operator's products are clearly not those of a symmetric matrix."""
+
+
+def non_finite_product(solver: str, where: str) -> NonFiniteProductError:
+    """The one error (and message) for a product that returned NaN/Inf.
+
+    Args:
+        solver: The public function that found it (``"lanczos"``, ``"cg"``, ...).
+        where: Where in the run (``"at iteration 3"``).
+
+    Returns:
+        The exception, for the caller to raise.
+    """
+    return NonFiniteProductError(
+        f"{solver}: the operator returned NaN/Inf {where}; its products must be finite "
+        "(check the model, the data and the operator's dtype for overflow)"
+    )
+
+
+def check_vector(
+    x: object,
+    name: str,
+    n: int,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
+    block: bool = False,
+    nonzero: bool = False,
+) -> torch.Tensor:
+    """Refuse a user vector (start vector, right-hand side) the same way in every solver.
+
+    Args:
+        x: The candidate.
+        name: Its argument name, for the messages.
+        n: The operator's dimension.
+        dtype: The dtype it must have (no silent cast), or None for any real floating dtype.
+        device: The device it must be on, or None for any.
+        block: Also accept an ``(n, P)`` block of vectors (columns).
+        nonzero: Refuse a zero vector (or a zero column).
+
+    Returns:
+        ``x`` itself.
+
+    Raises:
+        TypeError: Not a torch tensor, not a real floating dtype, or not ``dtype``.
+        ValueError: Wrong shape, another device, NaN/Inf entries, or a zero vector.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must have a real floating dtype, got {x.dtype}")
+    if not (x.ndim == 1 or (block and x.ndim == 2)) or x.shape[0] != n:
+        shape = f"({n},) or ({n}, P)" if block else f"({n},)"
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
+    if dtype is not None and x.dtype != dtype:
+        raise TypeError(f"{name} has dtype {x.dtype} but the operator {dtype} (no silent cast)")
+    if device is not None and x.device != device:
+        raise ValueError(f"{name} is on {x.device} but the operator on {device}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} has NaN/Inf entries")
+    if nonzero and not bool((x != 0).any(dim=0).all()):
+        raise ValueError(f"{name} is zero" if x.ndim == 1 else f"a column of {name} is zero")
+    return x
 
 
 @dataclass(frozen=True)
@@ -43,7 +132,6 @@ class TorchOperator:
         dtype: The dtype the operator takes and returns.
         device: The device of its input and output vectors.
         apply: ``apply(v) -> A @ v`` for a 1-D tensor of length n in ``dtype`` on ``device``.
-        kind: What was wrapped (for messages): "torch", "numpy", "scipy", "torch-operator".
         apply_block: ``apply_block(V) -> A @ V`` for an ``(n, m)`` block in one call, or
             None (then :meth:`matmat` loops over columns).
         hold: The wrapped operator's ``parameters_fixed`` (curvops operators), or None.
@@ -53,7 +141,6 @@ class TorchOperator:
     dtype: torch.dtype
     device: torch.device
     apply: Callable[[torch.Tensor], torch.Tensor]
-    kind: str
     apply_block: Callable[[torch.Tensor], torch.Tensor] | None = None
     hold: Callable[[], AbstractContextManager] | None = None
 
@@ -61,7 +148,8 @@ class TorchOperator:
         return self.apply(v)
 
     def parameters_fixed(self) -> AbstractContextManager:
-        """The wrapped operator's ``parameters_fixed()`` block (nothing for other kinds)."""
+        """The wrapped operator's ``parameters_fixed()`` block (nothing for operators
+        without one)."""
         return nullcontext() if self.hold is None else self.hold()
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
@@ -155,7 +243,7 @@ def as_operator(A: object) -> TorchOperator:
         if not A.is_floating_point():
             raise TypeError(f"dense operator must have a floating dtype, got {A.dtype}")
         mat = A.detach()
-        return TorchOperator(n, mat.dtype, mat.device, mat.matmul, "torch", mat.matmul)
+        return TorchOperator(n, mat.dtype, mat.device, mat.matmul, mat.matmul)
     if isinstance(A, np.ndarray):
         if A.ndim != 2:
             raise ValueError(f"a dense operator must be a 2-D matrix, got {A.ndim}-D")
@@ -163,7 +251,7 @@ def as_operator(A: object) -> TorchOperator:
         if A.dtype not in _NUMPY_TO_TORCH:
             raise TypeError(f"dense operator dtype must be float16/32/64, got {A.dtype}")
         mat = torch.from_numpy(np.ascontiguousarray(A))
-        return TorchOperator(n, mat.dtype, mat.device, mat.matmul, "numpy", mat.matmul)
+        return TorchOperator(n, mat.dtype, mat.device, mat.matmul, mat.matmul)
 
     try:  # scipy sparse matrices have shape and dot but no matvec
         import scipy.sparse as sp
@@ -177,8 +265,8 @@ def as_operator(A: object) -> TorchOperator:
 
     if not (hasattr(A, "shape") and callable(getattr(A, "matvec", None))):
         raise TypeError(
-            "lanczos needs a curvops operator, a scipy LinearOperator, a numpy array, a torch "
-            f"tensor or an object with `shape` and `matvec`; got {type(A).__name__}"
+            "the solvers need a curvops operator, a scipy LinearOperator, a numpy array, a "
+            f"torch tensor or an object with `shape` and `matvec`; got {type(A).__name__}"
         )
     n = _square_n(A.shape)
     dtype = getattr(A, "dtype", None)
@@ -188,7 +276,7 @@ def as_operator(A: object) -> TorchOperator:
         # curvops operators and torch-native look-alikes: torch vectors in and out.
         device = torch.device(getattr(A, "device", "cpu"))
         hold = getattr(A, "parameters_fixed", None)
-        return TorchOperator(n, dtype, device, A.matvec, "torch-operator", own_matmat,
+        return TorchOperator(n, dtype, device, A.matvec, own_matmat,
                              hold if callable(hold) else None)
     # scipy LinearOperator and generic numpy-style objects.
     np_dtype = np.dtype(np.float64) if dtype is None else np.dtype(dtype)
@@ -199,6 +287,5 @@ def as_operator(A: object) -> TorchOperator:
         _NUMPY_TO_TORCH[np_dtype],
         torch.device("cpu"),
         _numpy_product(A.matvec, np_dtype),
-        "scipy",
         None if own_matmat is None else _numpy_product(own_matmat, np_dtype),
     )

@@ -27,6 +27,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
+from ._as_operator import non_finite_product
 from ._cullum_willoughby import GhostFilter
 from ._reorthogonalization import (
     KrylovBasis,
@@ -167,7 +168,6 @@ class Strategy:
     """The hooks every strategy implements (see the module docstring)."""
 
     name = ""
-    keeps_basis = True
     ends_on_breakdown = False
 
     #: DGKS / PROPACK's kappa: a second local Gram–Schmidt pass against v_j only when the
@@ -540,7 +540,7 @@ class SelectiveReorth(_BasisStrategy):
         new = self.cache.new_good(theta, S, bounds, tnorm)
         if new.size:
             Y = self.basis.combine_rows(S[:, new], m, ctx.work).to(ctx.device)
-            self.cache.add(theta[new], S[:, new], Y)
+            self.cache.add(S[:, new], Y)
             _, d = self.cache.project(st.w)
             self.relation.add_cache(st.j, d)
             st.beta_next = float(torch.linalg.vector_norm(st.w))
@@ -558,7 +558,6 @@ class NoReorth(Strategy):
     """Three vectors and the Cullum–Willoughby test; Ritz vectors by a second pass."""
 
     name = "none"
-    keeps_basis = False
     ends_on_breakdown = True
 
     #: Relative drift of a regenerated beta beyond which the second pass gives up.
@@ -570,7 +569,6 @@ class NoReorth(Strategy):
                                   ctx.monitor.eps_floor)
         self.v_start: torch.Tensor | None = None
         self.reorths = 0
-        self.replay_failed = False
         ctx.ledger.alloc(4 * ctx.vec_bytes)  # v_prev, v, w and the product
 
     def _round(self, v: torch.Tensor) -> torch.Tensor:
@@ -619,15 +617,15 @@ class NoReorth(Strategy):
             ctx.notes.append(f"only {idx.size} distinct good Ritz values (k={ctx.k})")
         Y = AY = None
         if (want_vectors or ctx.verify) and idx.size:
-            Y, AY = self._second_pass(a, b, np.concatenate(groups, axis=1), m,
-                                      with_products=True)
+            Y, AY = self._second_pass(b, np.concatenate(groups, axis=1), m)
             if Y is not None:
                 Y, AY = _combine_copies(Y, AY, groups, values[idx])
         return Extracted(np.asarray(values[idx], dtype=np.float64), np.asarray(bnds),
                          np.asarray(conv, dtype=bool), Y, AY, None, tnorm,
                          spurious_removed=int(n_spur))
 
-    def _second_pass(self, alpha, beta_off, S_sel, m, with_products):
+    def _second_pass(self, beta_off: np.ndarray, S_sel: np.ndarray, m: int
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         r"""Regenerate the Lanczos vectors (same operations, so the same vectors for an
         exact operator) and accumulate the Ritz vectors :math:`y_i = \sum_j s_{ji} v_j`
         and, for the verification, their products :math:`\sum_j s_{ji} A v_j` from the
@@ -635,26 +633,23 @@ class NoReorth(Strategy):
         ctx = self.ctx
         p = S_sel.shape[1]
         Y = torch.zeros(p, ctx.n, dtype=ctx.work, device=ctx.device)
+        AY = torch.zeros(p, ctx.n, dtype=ctx.work, device=ctx.device)
         ctx.ledger.alloc(Y)
-        AY = None
-        if with_products:
-            AY = torch.zeros(p, ctx.n, dtype=ctx.work, device=ctx.device)
-            ctx.ledger.alloc(AY)
+        ctx.ledger.alloc(AY)
         St = torch.as_tensor(S_sel, dtype=ctx.work, device=ctx.device)
         v, v_prev = self.v_start, None
         beta = np.concatenate([[0.0], beta_off])
         for j in range(m):
             Y.addr_(St[j], v)
-            if j + 1 >= m and AY is None:
-                break
             u = ctx.apply(v)
-            if AY is not None:
-                AY.addr_(St[j], u.to(ctx.work))
+            AY.addr_(St[j], u.to(ctx.work))
             if j + 1 >= m:
                 break
             w, a1 = ctx.three_term(u, v, v_prev, float(beta[j]))
             st = Step(j, u, v, w, 0.0, float(beta[j]), 0.0, 0.0, np.zeros(0))
             self._local_pass(st)
+            if not (math.isfinite(st.alpha) and math.isfinite(st.beta_next)):
+                raise non_finite_product("lanczos", f"in the second pass, iteration {j + 1}")
             # The same operations give the same vectors only if the products repeat: a
             # non-deterministic operator makes the regenerated recurrence drift from the
             # first one, and the drift grows geometrically once a value has converged.
@@ -667,10 +662,8 @@ class NoReorth(Strategy):
                     "are returned and the values rest on their residual bounds and the "
                     "Cullum–Willoughby test (not verified)"
                 )
-                self.replay_failed = True
                 ctx.ledger.free(Y)
-                if AY is not None:
-                    ctx.ledger.free(AY)
+                ctx.ledger.free(AY)
                 return None, None
             v_next = self._round(w / float(beta[j + 1]))
             v_prev, v = v, v_next

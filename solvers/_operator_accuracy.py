@@ -21,11 +21,9 @@ then simply the operator), and a non-symmetric operator shows
 
 from __future__ import annotations
 
-__all__ = ["AccuracyMonitor", "NonSymmetricOperatorError"]
+from ._as_operator import NonSymmetricOperatorError
 
-
-class NonSymmetricOperatorError(ValueError):
-    """The operator's products are clearly not those of a symmetric matrix."""
+__all__ = ["AccuracyMonitor"]
 
 
 class AccuracyMonitor:
@@ -38,15 +36,13 @@ class AccuracyMonitor:
     Args:
         eps_floor: The dtype-based precision (basis epsilon, operator epsilon or
             ``operator_eps``): :math:`\varepsilon_A` never goes below it.
-        symmetry_limit: :math:`\nu` above this refuses the operator as non-symmetric.
     """
 
     #: A relative defect this large is not rounding: the operator is not symmetric.
     SYMMETRY_LIMIT = 0.05
 
-    def __init__(self, eps_floor: float, symmetry_limit: float | None = None) -> None:
+    def __init__(self, eps_floor: float) -> None:
         self.eps_floor = eps_floor
-        self.limit = self.SYMMETRY_LIMIT if symmetry_limit is None else symmetry_limit
         self.defect = 0.0  # running max of |d_j| / ||T_j||
 
     @property
@@ -64,11 +60,11 @@ class AccuracyMonitor:
         if tnorm <= 0.0:
             return 1.0
         rel = abs(t - s) / tnorm
-        if rel > self.limit:
+        if rel > self.SYMMETRY_LIMIT:
             raise NonSymmetricOperatorError(
                 f"the operator is not symmetric: at iteration {iteration}, "
                 f"|v_(j-1)^T A v_j - v_j^T A v_(j-1)| = {abs(t - s):.3g} = {rel:.3g} ||T|| "
-                f"(limit {self.limit:g} ||T||); Lanczos needs a symmetric operator"
+                f"(limit {self.SYMMETRY_LIMIT:g} ||T||); Lanczos needs a symmetric operator"
             )
         before = self.eps_a
         self.defect = max(self.defect, rel)

@@ -10,17 +10,19 @@ strategies differ in what they pay to prevent that:
   products with the basis, 4jn flops per iteration; orthogonality at the unit roundoff.
 * ``selective`` (Parlett & Scott 1979): loss of orthogonality happens only along
   converged Ritz vectors; orthogonalize against the *good* Ritz vectors
-  :math:`y_i = V s_i` whose bound :math:`\beta_{j+1}|s_{ji}| \le \sqrt{\varepsilon}\|T\|`.
-  Keeps the basis semi-orthogonal (:math:`\sim\sqrt\varepsilon`).
-* ``partial`` (Simon 1984): the :math:`\omega`-recurrence estimates
+  :math:`y_i = V s_i` whose bound :math:`\beta_{j+1}|s_{ji}|` is below a multiple of
+  :math:`\sqrt{\varepsilon_A}\|T\|` (:class:`SelectiveCache`). Keeps the basis
+  semi-orthogonal (:math:`\sim\sqrt{\varepsilon_A}`).
+* ``partial`` (Simon 1984): the :math:`\omega`-recurrence (:func:`omega_update`) estimates
   :math:`\omega_{jk} \approx v_j^\top v_k` from the recurrence scalars alone; when
-  :math:`\max_k|\omega_{j+1,k}|` exceeds :math:`\sqrt{\varepsilon/m}`, reorthogonalize this
+  :math:`\max_k|\omega_{j+1,k}|` exceeds :math:`\sqrt{\varepsilon_A}`, reorthogonalize this
   and the next vector against the offending range :math:`\{k: |\omega_{j+1,k}| >
-  \varepsilon^{3/4}\}`.
-* ``none``: no basis at all (see ``_tridiagonal.cullum_willoughby``).
+  \varepsilon_A^{3/4}\}` (:func:`offending_range`).
+* ``none``: no basis at all (see ``_cullum_willoughby.py``).
 
-These helpers are pure functions of tensors (and one small cache class); the Lanczos
-loop in ``lanczos.py`` decides when to call them.
+Here are the stored basis (:class:`KrylovBasis`), the good Ritz vectors of ``selective``
+and the :math:`\omega`-recurrence; the strategy objects in ``_lanczos_strategies.py``
+decide when to call them.
 """
 
 from __future__ import annotations
@@ -50,10 +52,9 @@ _CHUNK_ROWS = 32
 _UPCAST_BYTES = 256 << 20
 
 # Largest basis block on the CPU. glibc serves blocks above its mmap threshold (at most
-# 32 MiB) with fresh pages that fault on first touch: 19 rows of 269k floats in one
-# 64-row block cost 6.4 ms of page faults per run, ~1.7 matvecs of a small MLP GGN;
-# 8 MiB blocks are recycled from the heap (0.8 ms). CUDA's caching allocator has no such
-# cost, so one large block (a single product per pass) is kept there.
+# 32 MiB) with fresh pages that fault on first touch, a cost of the order of a matvec of a
+# small model per run; 8 MiB blocks are recycled from the heap. CUDA's caching allocator
+# has no such cost, so one large block (a single product per pass) is kept there.
 _CPU_BLOCK_BYTES = 8 << 20
 _MAX_BLOCK_ROWS = 64
 
@@ -61,11 +62,11 @@ _MAX_BLOCK_ROWS = 64
 class _BlockPool:
     """CPU basis blocks of finished runs, kept (at most ``limit`` bytes) for the next run.
 
-    A fresh block's pages fault on first touch (~0.3 ms per MiB here, the kernel zeroing
-    them): for a run of 19 iterations at n = 269k that was 5 % of the wall time, 1.5
-    matvecs. Reusing the blocks of the previous run of the same size avoids it, the way
-    CUDA's caching allocator does on the GPU (where no pool is kept). Blocks larger than
-    the limit are never kept, so a large model's basis is always given back.
+    A fresh block's pages fault on first touch (the kernel zeroes them), which on a short
+    run of a small model costs as much as a matvec or two. Reusing the blocks of the
+    previous run of the same size avoids it, the way CUDA's caching allocator does on the
+    GPU (where no pool is kept). Blocks larger than the limit are never kept, so a large
+    model's basis is always given back.
     """
 
     def __init__(self, limit: int) -> None:
@@ -323,8 +324,8 @@ def omega_update(
     the last term modelling the rounding errors (Simon 1984). The rounding of a step,
     :math:`v_k^\top f_j`, scales with :math:`\|A\|` (the product and the subtraction of
     :math:`\alpha_j v_j`), not only with the couplings: with :math:`\beta` alone the
-    estimates ran 100x low once the couplings fell far below the leading eigenvalues, and a
-    rank-8 float32 operator's invariant subspace went unnoticed (PROPACK adds
+    estimates run far low once the couplings fall below the leading eigenvalues, and the
+    invariant subspace of a low-rank operator goes unnoticed (PROPACK adds
     :math:`\epsilon_1\|A\|` likewise). Then :math:`\omega_{j+1,j} = \epsilon_1` (local
     orthogonality is kept explicitly) and :math:`\omega_{j+1,j+1} = 1`.
 
@@ -383,18 +384,18 @@ class SelectiveCache:
     The cache is kept **orthonormal** (a new vector is orthogonalized twice against it):
     every cached vector lies in the span of the basis, to which the exact next Lanczos
     vector is orthogonal, so projecting against an orthonormal cache can only remove
-    error. Without it, Ritz vectors cached at different iterations overlap (0.76 measured
-    on a bf16 GGN, where :math:`\sqrt{\varepsilon_A} = 0.088` admits rough ones), one
-    Gram–Schmidt pass is no projection, and the recurrence diverged.
+    error. Without it, Ritz vectors cached at different iterations can overlap strongly
+    (in bf16, :math:`\sqrt{\varepsilon_A} = 0.088` admits rough ones), one Gram–Schmidt
+    pass is then no projection, and the recurrence can diverge.
 
     Whether a candidate is already represented is decided on its *coefficients*, on the
     host, before forming anything: with a semi-orthogonal basis the span of the cached
     coefficient vectors (zero-padded to length j) mirrors the span of the cached vectors.
     A candidate whose coefficients lie in it up to a residual of ``REPRESENTED`` is the
     cached vector converged further. (Comparing values within
-    :math:`\sqrt{\varepsilon_A}\|T\|`, as the first version did, wrongly merged distinct
-    eigenvalues closer than that, e.g. 0.763 and 0.701 in bf16, and left the second one
-    unprotected: ghosts.)
+    :math:`\sqrt{\varepsilon_A}\|T\|` instead would merge distinct eigenvalues closer
+    than that, such as 0.763 and 0.701 in bf16, and leave the second one unprotected:
+    ghosts.)
     """
 
     #: Residual (of a unit candidate against the cached span) below which it is cached.
@@ -411,7 +412,6 @@ class SelectiveCache:
         self.noise = noise
         self.good_bound = 0.0
         self.set_precision(eps)
-        self.values: list[float] = []
         self.coefficients: list[np.ndarray] = []
         # Stored like the Krylov basis (recycled blocks, no copy of the cache per addition).
         self.Y = KrylovBasis(n, dtype, device, block_rows_for(n, dtype, device, 16), ledger)
@@ -448,7 +448,7 @@ class SelectiveCache:
         R = S[:, good] - Q @ (Q.T @ S[:, good])
         return good[np.linalg.norm(R, axis=0) > self.REPRESENTED]
 
-    def add(self, theta_new: np.ndarray, S_new: np.ndarray, Y_new: torch.Tensor) -> None:
+    def add(self, S_new: np.ndarray, Y_new: torch.Tensor) -> None:
         """Orthonormalize the rows of ``Y_new`` against the cache and append those with a
         residual above ``REPRESENTED`` (one host synchronisation, only when adding)."""
         self.coefficients.extend(np.array(S_new[:, i]) for i in range(S_new.shape[1]))
@@ -483,7 +483,6 @@ class SelectiveCache:
         for r in range(Q.shape[0]):
             self.Y.set(self._count, Q[r])
             self._count += 1
-            self.values.append(float(theta_new[kept[r]]))
 
     def project(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Orthogonalize ``w`` against every good Ritz vector (one CGS pass; no sync).

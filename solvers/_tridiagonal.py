@@ -92,7 +92,7 @@ def residual_bounds(S_last_row: np.ndarray, beta_next: float) -> np.ndarray:
 
 
 def convergence_thresholds(theta: np.ndarray, tnorm: float, tol: float) -> np.ndarray:
-    r"""The convergence threshold of each Ritz value (DECISIONS.md, ARPACK's floor).
+    r"""The convergence threshold of each Ritz value (ARPACK's floor; see docs/decisions.md).
 
     A Ritz value has converged when its residual bound is at most
     :math:`\text{tol}\cdot\max(|\theta|, \varepsilon^{2/3}\|T\|)`, :math:`\varepsilon` of float64.

@@ -16,16 +16,24 @@ iteration reach the host together, in one synchronisation. See ``docs/lanczos.md
 
 from __future__ import annotations
 
+import copy
 import math
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 from curvops.linops.checks import as_integer, as_real
 
-from ._as_operator import TorchOperator, as_operator, with_parameters_fixed
+from ._as_operator import (
+    TorchOperator,
+    as_operator,
+    check_vector,
+    non_finite_product,
+    with_parameters_fixed,
+)
 from ._lanczos_strategies import Step, make_strategy
 from ._operator_accuracy import AccuracyMonitor
 from ._reorthogonalization import REORTH
@@ -43,7 +51,13 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 @dataclass
 class LanczosConfig:
-    """Settings of :func:`lanczos` (the seed's fields plus the strategy controls).
+    """Settings of :func:`lanczos` as one object (the seed API's ``config=``).
+
+    Every field is also a keyword of :func:`lanczos`; a keyword passed explicitly there
+    overrides the field. Three fields keep the seed's names: ``max_iters`` is the
+    keyword ``maxiter``, ``dtype_compute`` is ``basis_dtype`` and ``regularization`` is
+    ``rayleigh_ritz_jitter``. Two exist only here: ``reorth_period`` (the seed's way of
+    choosing ``reorth``) and ``dtype_tridiag`` (which has one legal value).
 
     Attributes:
         k: Number of eigenvalues (the ``k`` argument of :func:`lanczos` wins).
@@ -60,7 +74,9 @@ class LanczosConfig:
         dtype_tridiag: Must be ``torch.float64`` (the tridiagonal and all recurrence
             scalars are float64); other values are refused.
         seed: Seed of the start vector (and of fresh vectors after a breakdown).
-        regularization: Jitter used only after a solver failure (reported); default 0.
+        regularization: Relative diagonal shift of :math:`V^\\top V` in the Rayleigh–Ritz
+            step, applied only when that Gram matrix is numerically not positive definite
+            (the shift used is reported); default 0 (the values are then read off T).
         reorth: "full", "selective", "partial", "none", or None (derive from
             ``reorth_period``).
         which: "LA" (default), "SA", "LM" or "BE".
@@ -129,51 +145,132 @@ class LanczosConfig:
 
     def validate(self) -> None:
         """Raise ValueError/TypeError for any invalid field (called before any work)."""
-        k, max_iters = as_integer(self.k), as_integer(self.max_iters)
-        if k is None or k < 1:
-            raise ValueError(f"k must be a positive int, got {self.k!r}")
-        if max_iters is None or max_iters < 1:
-            raise ValueError(f"max_iters must be a positive int, got {self.max_iters!r}")
-        tol = as_real(self.tol)
-        if tol is None or not math.isfinite(tol) or tol < 0:
-            raise ValueError(f"tol must be a finite number >= 0, got {self.tol!r}")
-        period = as_integer(self.reorth_period)
-        if period is None or period < 0:
-            raise ValueError(f"reorth_period must be an int >= 0, got {self.reorth_period!r}")
-        # numpy scalars are welcome; they are stored as Python numbers.
-        self.k, self.max_iters, self.tol, self.reorth_period = k, max_iters, tol, period
-        if self.reorth is not None and self.reorth not in REORTH:
-            raise ValueError(f"unknown reorth={self.reorth!r}; expected one of {REORTH}")
-        if self.which not in WHICH:
-            raise ValueError(f"unknown which={self.which!r}; expected one of {WHICH}")
-        if self.dtype_tridiag is not torch.float64:
-            raise ValueError(
-                f"dtype_tridiag must be torch.float64 (got {self.dtype_tridiag}); the tridiagonal "
-                "and recurrence scalars are always float64"
-            )
-        if self.dtype_compute is not None and (
-            not isinstance(self.dtype_compute, torch.dtype)
-            or not self.dtype_compute.is_floating_point
-        ):
-            raise TypeError(f"dtype_compute must be a floating torch dtype, got "
-                            f"{self.dtype_compute!r}")
-        seed = as_integer(self.seed)
-        if seed is None:
-            raise TypeError(f"seed must be an int, got {self.seed!r}")
-        reg = as_real(self.regularization)
-        if reg is None or not math.isfinite(reg) or reg < 0:
-            raise ValueError(f"regularization must be >= 0, got {self.regularization!r}")
-        self.seed, self.regularization = seed, reg
-        if self.operator_eps is not None:
-            eps = as_real(self.operator_eps)
-            if eps is None or not 0 < eps < 1:
-                raise ValueError(f"operator_eps must be None or a number in (0, 1), got "
-                                 f"{self.operator_eps!r}")
-            self.operator_eps = eps
-        if not isinstance(self.verify, bool):
-            raise TypeError(f"verify must be a bool, got {self.verify!r}")
-        if self.rayleigh_ritz and self.strategy != "full":
-            raise ValueError("rayleigh_ritz=True needs reorth='full' (it uses its coefficients)")
+        _check_settings(self, lambda name: name)
+
+
+#: The keywords of :func:`lanczos` and the :class:`LanczosConfig` field each one sets.
+_KEYWORD_FIELDS = {
+    "k": "k",
+    "which": "which",
+    "tol": "tol",
+    "maxiter": "max_iters",
+    "return_eigenvectors": "return_eigenvectors",
+    "reorth": "reorth",
+    "seed": "seed",
+    "verify": "verify",
+    "operator_eps": "operator_eps",
+    "basis_dtype": "dtype_compute",
+    "basis_device": "basis_device",
+    "rayleigh_ritz": "rayleigh_ritz",
+    "rayleigh_ritz_jitter": "regularization",
+    "cullum_willoughby": "cullum_willoughby",
+    "measure_orthogonality": "measure_orthogonality",
+    "record_history": "record_history",
+    "progress": "progress",
+}
+_FLAGS = ("return_eigenvectors", "record_history", "progress", "cullum_willoughby",
+          "measure_orthogonality", "verify")
+
+
+def _check_settings(cfg: LanczosConfig, label: Callable[[str], str]) -> None:
+    """Validate every field of ``cfg`` (numpy scalars become Python numbers, in place).
+
+    Args:
+        cfg: The settings.
+        label: The name a message gives a field (the field itself, or the keyword of
+            :func:`lanczos` that set it).
+
+    Raises:
+        ValueError: A value out of range or unknown.
+        TypeError: A value of the wrong type.
+    """
+    k, max_iters = as_integer(cfg.k), as_integer(cfg.max_iters)
+    if k is None or k < 1:
+        raise ValueError(f"{label('k')} must be a positive int, got {cfg.k!r}")
+    if max_iters is None or max_iters < 1:
+        raise ValueError(f"{label('max_iters')} must be a positive int, got {cfg.max_iters!r}")
+    tol = as_real(cfg.tol)
+    if tol is None or not math.isfinite(tol) or tol < 0:
+        raise ValueError(f"{label('tol')} must be a finite number >= 0, got {cfg.tol!r}")
+    period = as_integer(cfg.reorth_period)
+    if period is None or period < 0:
+        raise ValueError(f"{label('reorth_period')} must be an int >= 0, got "
+                         f"{cfg.reorth_period!r}")
+    cfg.k, cfg.max_iters, cfg.tol, cfg.reorth_period = k, max_iters, tol, period
+    if cfg.reorth is not None and cfg.reorth not in REORTH:
+        raise ValueError(f"unknown {label('reorth')}={cfg.reorth!r}; expected one of {REORTH}")
+    if cfg.which not in WHICH:
+        raise ValueError(f"unknown {label('which')}={cfg.which!r}; expected one of {WHICH}")
+    if cfg.dtype_tridiag is not torch.float64:
+        raise ValueError(
+            f"{label('dtype_tridiag')} must be torch.float64 (got {cfg.dtype_tridiag}); the "
+            "tridiagonal and recurrence scalars are always float64"
+        )
+    if cfg.dtype_compute is not None and (
+        not isinstance(cfg.dtype_compute, torch.dtype) or not cfg.dtype_compute.is_floating_point
+    ):
+        raise TypeError(f"{label('dtype_compute')} must be a floating torch dtype, got "
+                        f"{cfg.dtype_compute!r}")
+    if cfg.basis_device is not None:
+        if not isinstance(cfg.basis_device, str | torch.device):
+            raise TypeError(f"{label('basis_device')} must be None, a str or a torch.device, "
+                            f"got {type(cfg.basis_device).__name__}")
+        try:
+            torch.device(cfg.basis_device)
+        except RuntimeError as err:
+            raise ValueError(f"{label('basis_device')}={cfg.basis_device!r} is not a device: "
+                             f"{err}") from None
+    seed = as_integer(cfg.seed)
+    if seed is None:
+        raise TypeError(f"{label('seed')} must be an int, got {cfg.seed!r}")
+    jitter = as_real(cfg.regularization)
+    if jitter is None or not math.isfinite(jitter) or jitter < 0:
+        raise ValueError(f"{label('regularization')} must be a finite number >= 0, got "
+                         f"{cfg.regularization!r}")
+    cfg.seed, cfg.regularization = seed, jitter
+    if cfg.operator_eps is not None:
+        eps = as_real(cfg.operator_eps)
+        if eps is None or not 0 < eps < 1:
+            raise ValueError(f"{label('operator_eps')} must be None or a number in (0, 1), got "
+                             f"{cfg.operator_eps!r}")
+        cfg.operator_eps = eps
+    for name in _FLAGS:
+        value = getattr(cfg, name)
+        if not isinstance(value, bool | np.bool_):
+            raise TypeError(f"{label(name)} must be a bool, got {value!r}")
+        setattr(cfg, name, bool(value))
+    if cfg.rayleigh_ritz is not None:
+        if not isinstance(cfg.rayleigh_ritz, bool | np.bool_):
+            raise TypeError(f"{label('rayleigh_ritz')} must be None or a bool, got "
+                            f"{cfg.rayleigh_ritz!r}")
+        cfg.rayleigh_ritz = bool(cfg.rayleigh_ritz)
+    if cfg.rayleigh_ritz and cfg.strategy != "full":
+        raise ValueError(f"{label('rayleigh_ritz')}=True needs {label('reorth')}='full' (it "
+                         "uses its coefficients)")
+
+
+class _FromConfig:
+    """The default of a keyword of :func:`lanczos`: "not passed, take it from ``config``".
+
+    Its repr is the value that then applies without a ``config`` (``LanczosConfig()``'s),
+    so ``help(lanczos)`` shows the real defaults.
+    """
+
+    __slots__ = ("shown",)
+
+    def __init__(self, shown: object) -> None:
+        self.shown = shown
+
+    def __repr__(self) -> str:
+        return repr(self.shown)
+
+
+_DEFAULTS = LanczosConfig()
+#: One marker per keyword, named like it: ``_DEFAULT.maxiter`` shows as ``300``.
+_DEFAULT = SimpleNamespace(**{
+    key: _FromConfig(_DEFAULTS.strategy if key == "reorth" else getattr(_DEFAULTS, name))
+    for key, name in _KEYWORD_FIELDS.items()
+})
 
 
 @dataclass(frozen=True)
@@ -203,14 +300,15 @@ class LanczosResult:
         strategy: The reorthogonalization strategy used.
         which: The ``which`` used.
         breakdowns: Times the recurrence broke down (:math:`\\beta \\approx 0`).
-        regularization_used: Jitter applied after a solver failure (0 if none).
+        regularization_used: The diagonal shift of :math:`V^\\top V` the Rayleigh–Ritz step
+            needed (``rayleigh_ritz_jitter`` times its largest diagonal entry; 0 if none).
         rayleigh_ritz: Whether the values come from the Rayleigh–Ritz step.
         notes: Human-readable remarks (fewer values than k, fallbacks, a raised ``tol``).
         process_eps: :math:`\\varepsilon_A`, the precision every threshold used (the larger
             of the basis dtype's epsilon and ``operator_eps``).
-        tol_used: The convergence tolerance applied: ``config.tol``, or the accuracy floor
-            when ``config.tol`` asked for more than the operator can give (then ``notes``
-            says so); 0 for ``tol=0``.
+        tol_used: The convergence tolerance applied: ``tol``, or the accuracy floor when
+            ``tol`` asked for more than the operator can give (then ``notes`` says so); 0
+            for ``tol=0``.
         reorthogonalizations: Iterations that orthogonalized against more than the local
             vectors (every iteration for "full"; partial's triggered steps; selective's
             steps with at least one good Ritz vector; 0 for "none").
@@ -327,29 +425,23 @@ class _Timer:
         return self.cpu_seconds
 
 
-def _validate_v0(v0: object, n: int, device: torch.device, work: torch.dtype) -> torch.Tensor:
+def _start_vector(v0: object, n: int, device: torch.device, work: torch.dtype) -> torch.Tensor:
+    """The unit start vector from ``v0`` (cast to the working dtype on the run's device)."""
     if isinstance(v0, LanczosResult):
         if v0.eigenvectors is None:
             raise ValueError("v0 is a LanczosResult without eigenvectors")
         # A warm start needs a component along every wanted eigenvector: their sum has it.
         v0 = v0.eigenvectors.sum(dim=1)
     if isinstance(v0, np.ndarray):
-        if not np.issubdtype(v0.dtype, np.floating):
-            raise TypeError(f"v0 must be a floating array, got dtype {v0.dtype}")
         v0 = torch.from_numpy(np.ascontiguousarray(v0))
     if not isinstance(v0, torch.Tensor):
         raise TypeError(f"v0 must be a torch tensor, numpy array or LanczosResult, got "
                         f"{type(v0).__name__}")
-    if not v0.is_floating_point():
-        raise TypeError(f"v0 must have a real floating dtype, got {v0.dtype}")
-    if v0.ndim != 1 or v0.numel() != n:
-        raise ValueError(f"v0 must be a 1-D vector of length {n}, got shape {tuple(v0.shape)}")
+    check_vector(v0, "v0", n, nonzero=True)
     v = v0.detach().to(device=device, dtype=work)  # the start vector's documented conversion
-    if not bool(torch.isfinite(v).all()):
-        raise ValueError("v0 contains NaN or Inf")
     nrm = float(torch.linalg.vector_norm(v))
-    if nrm == 0.0:
-        raise ValueError("v0 is the zero vector")
+    if not (math.isfinite(nrm) and nrm > 0.0):
+        raise ValueError(f"v0 is not representable in {work} (its norm there is {nrm})")
     return v / nrm
 
 
@@ -378,66 +470,147 @@ def _dot_with(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 @with_parameters_fixed
 def lanczos(
     A: object,
-    k: int | None = None,
+    k: int | None = _DEFAULT.k,
     *,
-    config: LanczosConfig | None = None,
+    which: str = _DEFAULT.which,
+    tol: float = _DEFAULT.tol,
+    maxiter: int = _DEFAULT.maxiter,
     v0: torch.Tensor | np.ndarray | LanczosResult | None = None,
+    return_eigenvectors: bool = _DEFAULT.return_eigenvectors,
+    reorth: str = _DEFAULT.reorth,
+    seed: int = _DEFAULT.seed,
+    verify: bool = _DEFAULT.verify,
+    operator_eps: float | None = _DEFAULT.operator_eps,
+    basis_dtype: torch.dtype | None = _DEFAULT.basis_dtype,
+    basis_device: str | torch.device | None = _DEFAULT.basis_device,
+    rayleigh_ritz: bool | None = _DEFAULT.rayleigh_ritz,
+    rayleigh_ritz_jitter: float = _DEFAULT.rayleigh_ritz_jitter,
+    cullum_willoughby: bool = _DEFAULT.cullum_willoughby,
+    measure_orthogonality: bool = _DEFAULT.measure_orthogonality,
+    record_history: bool = _DEFAULT.record_history,
+    progress: bool = _DEFAULT.progress,
+    config: LanczosConfig | None = None,
 ) -> LanczosResult:
     """Extreme eigenvalues (and vectors) of a symmetric operator by Lanczos.
+
+    Shaped like ``scipy.sparse.linalg.eigsh``: ``lanczos(A, k, which=..., tol=...,
+    maxiter=..., v0=...)``. The settings can also come as one :class:`LanczosConfig`
+    (``config=``, the seed API's way); a keyword passed explicitly overrides the same
+    setting of ``config``, a keyword left out takes the config's value (or the default
+    shown, without a config). Every setting is checked before the first product.
 
     Args:
         A: A curvops operator, a ``scipy.sparse.linalg.LinearOperator``, a numpy array, a
             torch tensor, or anything with ``shape`` and ``matvec``. It must be symmetric.
-        k: Number of eigenvalues; None = ``config.k``. Must be < n.
-        config: Settings (:class:`LanczosConfig`); default ``LanczosConfig()``.
+        k: Number of eigenvalues, < n; None = ``config.k``.
+        which: "LA" (largest algebraic, the default, returned descending), "SA" (smallest,
+            ascending), "LM" (largest magnitude) or "BE" (both ends, scipy's split).
+        tol: Relative convergence tolerance: a Ritz value :math:`\\theta` has converged
+            when :math:`\\beta_{m+1}|e_m^\\top s| \\le \\text{tol}\\cdot\\max(|\\theta|,
+            \\varepsilon^{2/3}\\|T\\|)` (ARPACK's floor). ``tol=0`` runs to ``maxiter``. A
+            ``tol`` below the precision of the process is raised to it, with a note.
+        maxiter: Hard cap on Lanczos iterations (at least ``k``); strategies that keep a
+            basis are also capped at n.
         v0: Start vector (length n), or a previous :class:`LanczosResult` to warm-start
             from (the sum of its Ritz vectors); default a seeded random vector.
+        return_eigenvectors: Return the Ritz vectors (for "none" this is a second pass
+            with as many matvecs again).
+        reorth: Reorthogonalization: "full", "selective", "partial" or "none" (see
+            ``docs/lanczos.md``).
+        seed: Seed of the start vector (and of fresh vectors after a breakdown).
+        verify: Check every pair against its true residual before calling it converged
+            (one batched product of the k Ritz vectors; "none" uses its second pass).
+            False trusts the residual bounds of the tridiagonal.
+        operator_eps: Relative accuracy of one product; None = the operator dtype's
+            epsilon. Every threshold of the run follows it (and what the run measures).
+        basis_dtype: Dtype the Krylov vectors are stored in; None = the operator's dtype.
+        basis_device: Where the basis lives: None (the operator's device) or "cpu".
+        rayleigh_ritz: Rayleigh–Ritz on :math:`(V^\\top A V, V^\\top V)` at the end (needs
+            ``reorth="full"``); None = on for a bf16/fp16 basis.
+        rayleigh_ritz_jitter: Relative diagonal shift of :math:`V^\\top V` used only when
+            the Rayleigh–Ritz step finds it not positive definite (reported as
+            ``regularization_used``); 0 reads the values off T instead.
+        cullum_willoughby: For "none": remove spurious Ritz values and merge ghosts.
+        measure_orthogonality: Report ``orthogonality_loss`` (:math:`j^2 n` flops at the
+            end); False reports NaN.
+        record_history: Keep all Ritz values of every iteration.
+        progress: Show a tqdm progress bar (the ``progress`` extra).
+        config: All settings as one :class:`LanczosConfig`; see above for how it combines
+            with the keywords.
 
     Returns:
         A :class:`LanczosResult`.
 
     Raises:
-        ValueError: k >= n, non-square operator, unknown which/reorth, max_iters < k, bad v0,
-            an operator whose products are clearly not symmetric (measured in the first
-            iterations; the message gives the defect).
-        TypeError: Unsupported operator or v0 types.
+        ValueError: k >= n, non-square operator, unknown which/reorth, maxiter < k, a bad
+            setting or v0; :class:`NonSymmetricOperatorError` (a ValueError) for an
+            operator whose products are clearly not symmetric (measured in the first
+            iterations; the message gives the defect); :class:`NonFiniteProductError` (a
+            ValueError and FloatingPointError) for a product with NaN/Inf.
+        TypeError: Unsupported operator, config, setting or v0 types.
     """
     t_start = time.perf_counter()
-    cfg = LanczosConfig() if config is None else config
-    cfg.validate()
-    if k is not None:
-        cfg = replace(cfg, k=k)
-    k = cfg.k
+    passed = {
+        key: value for key, value in (
+            ("k", k), ("which", which), ("tol", tol), ("maxiter", maxiter),
+            ("return_eigenvectors", return_eigenvectors), ("reorth", reorth), ("seed", seed),
+            ("verify", verify), ("operator_eps", operator_eps), ("basis_dtype", basis_dtype),
+            ("basis_device", basis_device), ("rayleigh_ritz", rayleigh_ritz),
+            ("rayleigh_ritz_jitter", rayleigh_ritz_jitter),
+            ("cullum_willoughby", cullum_willoughby),
+            ("measure_orthogonality", measure_orthogonality),
+            ("record_history", record_history), ("progress", progress),
+        )
+        if not isinstance(value, _FromConfig) and not (key == "k" and value is None)
+    }
+    cfg = _settings(config, passed)
     op = as_operator(A)
     n = op.n
-    if k >= n:
-        raise ValueError(f"k={k} must be smaller than the operator size n={n}")
-    if cfg.max_iters < k:
-        raise ValueError(f"max_iters={cfg.max_iters} must be at least k={k}")
-    run = _Run(op, cfg, k)
+    if cfg.k >= n:
+        raise ValueError(f"k={cfg.k} must be smaller than the operator size n={n}")
+    if cfg.max_iters < cfg.k:
+        name = "maxiter" if config is None or "maxiter" in passed else "config.max_iters"
+        raise ValueError(f"{name}={cfg.max_iters} must be at least k={cfg.k}")
+    run = _Run(op, cfg, t_start)
     if v0 is None:
         # Drawn on the CPU generator (the same seed gives the same vector on any device),
         # in the working dtype (float64 draws cost as much as a cheap matvec at n ~ 1e5).
         v = torch.randn(n, generator=run.gen, dtype=run.work).to(device=run.device)
         v = v / torch.linalg.vector_norm(v)
     else:
-        v = _validate_v0(v0, n, run.device, run.work)
-    run.pbar = _progress_bar(cfg.max_iters, cfg.progress)
-    try:
-        res = run.solve(v)
-    finally:
-        if run.pbar is not None:
-            run.pbar.close()
-    total = time.perf_counter() - t_start
-    t_mv = run.timer.seconds()
-    return replace(res, seconds_matvec=t_mv, seconds_other=max(0.0, total - t_mv))
+        v = _start_vector(v0, n, run.device, run.work)
+    return run.solve(v)
+
+
+def _settings(config: LanczosConfig | None, passed: dict[str, object]) -> LanczosConfig:
+    """``config`` (default ``LanczosConfig()``) with the keywords ``passed`` set, validated.
+
+    The caller's config is not changed. A message names a setting by the keyword when it
+    was passed (or there is no config), else as ``config.<field>``.
+    """
+    if config is not None and not isinstance(config, LanczosConfig):
+        raise TypeError(f"config must be a LanczosConfig, got {type(config).__name__}")
+    cfg = copy.copy(_DEFAULTS if config is None else config)
+    keyword_of = {field_name: key for key, field_name in _KEYWORD_FIELDS.items()}
+    for key, value in passed.items():
+        setattr(cfg, _KEYWORD_FIELDS[key], value)
+
+    def label(field_name: str) -> str:
+        key = keyword_of.get(field_name)
+        if key is not None and (config is None or key in passed):
+            return key
+        return f"config.{field_name}"
+
+    _check_settings(cfg, label)
+    return cfg
 
 
 class _Run:
     """One Lanczos run: what the recurrence loop and the strategy share."""
 
-    def __init__(self, op: TorchOperator, cfg: LanczosConfig, k: int) -> None:
-        self.op, self.cfg, self.k = op, cfg, k
+    def __init__(self, op: TorchOperator, cfg: LanczosConfig, t_start: float) -> None:
+        self.op, self.cfg, self.k = op, cfg, cfg.k
+        self.t_start = t_start  # when the call began: the result's wall time counts from it
         self.strategy_name = cfg.strategy
         self.n, self.device = op.n, op.device
         self.dtype_c = op.dtype if cfg.dtype_compute is None else cfg.dtype_compute
@@ -462,7 +635,7 @@ class _Run:
                        else float(cfg.operator_eps))
         self.monitor = AccuracyMonitor(max(self.eps_c, self.eps_op))
         # beta below this times ||A|| is rounding noise of a product with a vector of an
-        # invariant subspace (measured: ~50 eps ||A|| at n = 500 in float64). Without a
+        # invariant subspace (about 50 eps ||A|| at n = 500 in float64). Without a
         # basis the noise is larger (no reorthogonalization cleans it), and a missed
         # breakdown costs a whole run of matvecs on noise.
         self.bd_floor = self.eps_w * ((1000.0 if not keeps_basis else 100.0)
@@ -484,7 +657,7 @@ class _Run:
 
     @property
     def tol(self) -> float:
-        """``config.tol``, raised to the accuracy the process can deliver.
+        """The requested ``tol``, raised to the accuracy the process can deliver.
 
         Residual bounds below :math:`\\varepsilon_A|\\theta|` are rounding noise of the
         process: asking for them only adds iterations (and, without a basis, ghosts). The
@@ -535,7 +708,12 @@ class _Run:
     def solve(self, v0: torch.Tensor) -> LanczosResult:
         strat = make_strategy(self.strategy_name, self)
         try:
-            m, alpha, beta, beta_next, w_last = self._iterate(strat, v0)
+            self.pbar = _progress_bar(self.cfg.max_iters, self.cfg.progress)
+            try:
+                m, alpha, beta, beta_next, w_last = self._iterate(strat, v0)
+            finally:
+                if self.pbar is not None:
+                    self.pbar.close()
             ext = strat.extract(m, alpha, beta, beta_next, w_last,
                                 self.cfg.return_eigenvectors)
             return self._finish(strat, ext, m)
@@ -564,6 +742,9 @@ class _Run:
             # One host synchronisation per iteration: all recurrence scalars together.
             flat = torch.cat([p.reshape(-1) for p in parts]).tolist()
             alpha_j, beta_next, unorm = flat[:3]
+            if not (math.isfinite(alpha_j) and math.isfinite(beta_next)
+                    and math.isfinite(unorm)):
+                raise non_finite_product("lanczos", f"at iteration {j + 1}")
             rest = flat[3:]
             if v_prev is not None:
                 ratio = self.monitor.observe(rest[0], rest[1], max(self.anorm, unorm), j + 1)
@@ -572,11 +753,6 @@ class _Run:
                     strat.recalibrate(ratio)
             st = Step(j, u, v, w, alpha_j, beta[j], beta_next, unorm, np.asarray(rest))
             strat.settle(st, alpha, beta)
-            if not (math.isfinite(st.alpha) and math.isfinite(st.beta_next)):
-                raise FloatingPointError(
-                    f"Lanczos produced NaN/Inf at iteration {j + 1}: the operator returned "
-                    "non-finite values"
-                )
             alpha.append(st.alpha)
             self.anorm = max(self.anorm, unorm, abs(st.alpha),
                              math.sqrt(st.alpha**2 + st.beta_j**2 + st.beta_next**2))
@@ -644,6 +820,8 @@ class _Run:
                     AY = Z.T.to(device=self.device, dtype=self.work) * ynorm
                 ver = verify_ritz_pairs(ext.Y, AY, ext.values, conv, ext.tnorm,
                                         self.tol or 1e-8, self.eps_a, ext.predicted)
+                if not np.all(np.isfinite(ver.residuals)):
+                    raise non_finite_product("lanczos", "in the products of the Ritz vectors")
                 conv, residuals, verified = ver.converged, ver.residuals, True
                 self.notes.extend(ver.notes)
                 if math.isfinite(ver.noise):
@@ -662,6 +840,8 @@ class _Run:
                 f"{self.monitor.defect:.3g}, basis {self.eps_c:.3g}); converged means "
                 f"tol={self.tol:.3g}"
             )
+        seconds_matvec = self.timer.seconds()
+        seconds_total = time.perf_counter() - self.t_start
         return LanczosResult(
             eigenvalues=np.asarray(ext.values, dtype=np.float64),
             eigenvectors=vecs,
@@ -672,8 +852,8 @@ class _Run:
             spurious_removed=ext.spurious_removed,
             orthogonality_loss=ext.orthogonality_loss,
             history=self.history,
-            seconds_matvec=0.0,
-            seconds_other=0.0,
+            seconds_matvec=seconds_matvec,
+            seconds_other=max(0.0, seconds_total - seconds_matvec),
             peak_memory_bytes=int(self.ledger.peak),
             strategy=self.strategy_name,
             which=cfg.which,

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from curvops.linops.checks import as_integer
 
-from ._as_operator import as_operator, with_parameters_fixed
+from ._as_operator import as_operator, check_vector, non_finite_product, with_parameters_fixed
 
 __all__ = ["COEFFICIENT_REORTH", "LanczosCoefficients", "lanczos_coefficients"]
 
@@ -82,27 +83,23 @@ def lanczos_coefficients(
         The coefficients per start vector (a single vector gives tuples of length 1).
 
     Raises:
-        ValueError: Bad shapes, ``steps`` outside [1, n], unknown ``reorth``, a zero start
-            vector, non-finite products.
-        TypeError: ``start`` not a tensor of the operator's dtype and device.
+        ValueError: Bad shapes, ``steps`` outside [1, n], unknown ``reorth``, a zero or
+            non-finite start vector, a start vector on another device;
+            :class:`~curvops.solvers.NonFiniteProductError` (a ValueError) for a product
+            with NaN/Inf.
+        TypeError: ``start`` not a tensor of the operator's dtype.
     """
     op = as_operator(A)
     if reorth not in COEFFICIENT_REORTH:
         raise ValueError(f"reorth must be one of {COEFFICIENT_REORTH}, got {reorth!r}")
-    if not isinstance(start, torch.Tensor):
-        raise TypeError(f"start must be a torch tensor, got {type(start).__name__}")
-    if start.dtype != op.dtype or start.device != op.device:
-        raise TypeError(f"start is {start.dtype} on {start.device}; the operator takes "
-                        f"{op.dtype} on {op.device}")
-    V = start[:, None] if start.ndim == 1 else start
-    if V.ndim != 2 or V.shape[0] != op.n:
-        raise ValueError(f"start must be (n={op.n},) or (n, P), got {tuple(start.shape)}")
-    if isinstance(steps, bool) or not isinstance(steps, int | np.integer) or not (
-            1 <= steps <= op.n):
+    check_vector(start, "start", op.n, dtype=op.dtype, device=op.device, block=True,
+                 nonzero=True)
+    checked = as_integer(steps)
+    if checked is None or not 1 <= checked <= op.n:
         raise ValueError(f"steps must be an int in [1, n={op.n}], got {steps!r}")
+    steps = checked
+    V = start[:, None] if start.ndim == 1 else start
     norms = _column_dots(V, V).sqrt()
-    if not bool((norms > 0).all()):
-        raise ValueError("a start vector is zero")
     n, P = V.shape
     eps = torch.finfo(op.dtype).eps
     V = V / norms.to(op.dtype)
@@ -129,9 +126,7 @@ def lanczos_coefficients(
         b = _column_dots(W, W).sqrt()
         a_np, b_np = a.cpu().numpy(), b.cpu().numpy()  # one host synchronisation per step
         if not (np.all(np.isfinite(a_np[active])) and np.all(np.isfinite(b_np[active]))):
-            raise ValueError(
-                f"Lanczos step {j} produced NaN/Inf: the operator's product is not finite"
-            )
+            raise non_finite_product("lanczos_coefficients", f"at step {j + 1}")
         alpha[j] = np.where(active, a_np, 0.0)
         tnorm = np.maximum(tnorm, np.abs(a_np) + b_np + (beta[j - 1] if j else 0.0))
         if j == steps - 1:

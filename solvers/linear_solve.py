@@ -25,7 +25,9 @@ r"""Damped linear solves :math:`(A + \lambda I)\,x = b` with Krylov methods, in 
 * :func:`natural_gradient`: :math:`(F + \lambda I)^{-1} g` for a gradient in parameter shape.
 
 Vectors stay in the operator's dtype on its device; every scalar of the recurrences is
-float64. Stopping: :math:`\|r_k\| \le \max(\text{tol}\,\|b\|, \text{atol})` on the
+float64. ``maxiter`` caps the iterations (scipy's name). A product that returns NaN/Inf
+raises :class:`~curvops.solvers.NonFiniteProductError`. Stopping:
+:math:`\|r_k\| \le \max(\text{tol}\,\|b\|, \text{atol})` on the
 recursively updated residual (CG: 2-norm; MINRES: the :math:`M^{-1}`-norm, the 2-norm
 without a preconditioner). ``final_residual_norm`` is the true :math:`\|b - (A+\lambda
 I)x\|_2`, from one extra product.
@@ -40,9 +42,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from curvops.linops.checks import as_integer, as_real
 from torch import Tensor
 
-from ._as_operator import TorchOperator, as_operator, with_parameters_fixed
+from ._as_operator import (
+    TorchOperator,
+    as_operator,
+    check_vector,
+    non_finite_product,
+    with_parameters_fixed,
+)
+from .lanczos import LanczosConfig, lanczos
 
 __all__ = [
     "DiagonalPreconditioner",
@@ -188,7 +198,7 @@ class LowRankPreconditioner:
 
     @classmethod
     def from_lanczos(
-        cls, A: object, k: int, *, damping: float = 0.0, config: Any = None
+        cls, A: object, k: int, *, damping: float = 0.0, config: LanczosConfig | None = None
     ) -> LowRankPreconditioner:
         """Build it from the top ``k`` Lanczos eigenpairs of ``A``.
 
@@ -198,19 +208,14 @@ class LowRankPreconditioner:
             damping: :math:`\\lambda` of the system being solved.
             config: A :class:`~curvops.solvers.lanczos.LanczosConfig`; default
                 ``which="LA"``, full reorthogonalization, ``tol=1e-6`` (a preconditioner
-                needs no more), eigenvectors returned. ``k`` always wins.
+                needs no more). ``k`` always wins, and eigenvectors are always returned.
 
         Returns:
             The preconditioner; ``lanczos_matvecs`` records what Lanczos spent.
         """
-        from dataclasses import replace
-
-        from .lanczos import LanczosConfig, lanczos
-
         if config is None:
-            config = LanczosConfig(k=k, which="LA", tol=1e-6, reorth="full")
-        config = replace(config, k=k, return_eigenvectors=True)
-        result = lanczos(A, k, config=config)
+            config = LanczosConfig(which="LA", tol=1e-6, reorth="full")
+        result = lanczos(A, k, config=config, return_eigenvectors=True)
         if result.eigenvectors is None:  # pragma: no cover - return_eigenvectors is forced
             raise ValueError("Lanczos returned no eigenvectors")
         out = cls(result.eigenvalues, result.eigenvectors, damping)
@@ -230,36 +235,57 @@ class LowRankPreconditioner:
 
 
 def _check_rhs(op: TorchOperator, b: object, name: str = "b") -> Tensor:
-    if not isinstance(b, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(b).__name__}")
-    if b.dim() != 1 or b.shape[0] != op.n:
-        raise ValueError(f"{name} must have shape ({op.n},), got {tuple(b.shape)}")
-    if b.dtype != op.dtype:
-        raise TypeError(f"{name} has dtype {b.dtype} but the operator {op.dtype} (no silent cast)")
-    if b.device != op.device:
-        raise ValueError(f"{name} is on {b.device} but the operator on {op.device}")
-    if not bool(torch.isfinite(b).all()):
-        raise ValueError(f"{name} has NaN/Inf entries")
-    return b
+    return check_vector(b, name, op.n, dtype=op.dtype, device=op.device)
+
+
+def _check_maxiter(maxiter: object) -> int | None:
+    """``maxiter`` as an int >= 1, or None (the solver's default)."""
+    if maxiter is None:
+        return None
+    value = as_integer(maxiter)
+    if value is None:
+        raise TypeError(f"maxiter must be an int or None, got {type(maxiter).__name__}")
+    if value < 1:
+        raise ValueError(f"maxiter must be >= 1, got {maxiter}")
+    return value
+
+
+def _check_real(name: str, value: object, *, nonnegative: bool) -> float:
+    real = as_real(value)
+    if real is None:
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(real) or (nonnegative and real < 0):
+        raise ValueError(f"{name} must be finite{' and >= 0' if nonnegative else ''}, got "
+                         f"{value}")
+    return real
 
 
 def _check_settings(
-    op: TorchOperator, damping: float, tol: float, atol: float, max_iters: int | None
-) -> tuple[float, int]:
-    damping = float(damping)
-    if not math.isfinite(damping):
-        raise ValueError(f"damping must be finite, got {damping}")
-    if not (math.isfinite(tol) and tol >= 0 and math.isfinite(atol) and atol >= 0):
-        raise ValueError(f"tol and atol must be finite and >= 0, got {tol}, {atol}")
-    if tol == 0 and atol == 0 and max_iters is None:
-        raise ValueError("tol = atol = 0 needs an explicit max_iters")
-    if max_iters is None:
-        max_iters = 10 * op.n
-    if isinstance(max_iters, bool) or not isinstance(max_iters, (int, np.integer)):
-        raise TypeError(f"max_iters must be an int, got {type(max_iters).__name__}")
-    if max_iters < 1:
-        raise ValueError(f"max_iters must be >= 1, got {max_iters}")
-    return damping, int(max_iters)
+    op: TorchOperator,
+    damping: object,
+    tol: object,
+    atol: object,
+    maxiter: object,
+    preconditioner: object,
+) -> tuple[float, float, float, int]:
+    """Every setting of a solve, checked before any product: ``(damping, tol, atol,
+    maxiter)`` with ``maxiter`` defaulting to 10 n."""
+    damping = _check_real("damping", damping, nonnegative=False)
+    tol = _check_real("tol", tol, nonnegative=True)
+    atol = _check_real("atol", atol, nonnegative=True)
+    checked = _check_maxiter(maxiter)
+    if tol == 0 and atol == 0 and checked is None:
+        raise ValueError("tol = atol = 0 needs an explicit maxiter")
+    if preconditioner is not None and not callable(preconditioner):
+        raise TypeError(f"preconditioner must be callable, got {type(preconditioner).__name__}")
+    return damping, tol, atol, 10 * op.n if checked is None else checked
+
+
+def _finite(value: float, solver: str, where: str) -> float:
+    """``value`` (a scalar of a product), or the one non-finite-product error."""
+    if not math.isfinite(value):
+        raise non_finite_product(solver, where)
+    return value
 
 
 def _dot(x: Tensor, y: Tensor) -> float:
@@ -294,7 +320,7 @@ def cg(
     preconditioner: Preconditioner | None = None,
     tol: float = 1e-6,
     atol: float = 0.0,
-    max_iters: int | None = None,
+    maxiter: int | None = None,
     x0: Tensor | None = None,
 ) -> SolveResult:
     r"""Solve :math:`(A + \lambda I) x = b` by preconditioned conjugate gradients.
@@ -308,7 +334,7 @@ def cg(
             e.g. :class:`DiagonalPreconditioner` or :class:`LowRankPreconditioner`.
         tol: Relative tolerance on :math:`\|r\|_2 / \|b\|_2`.
         atol: Absolute tolerance on :math:`\|r\|_2`.
-        max_iters: Iteration cap (default 10 n).
+        maxiter: Iteration cap (default 10 n).
         x0: Start vector (default zero).
 
     Returns:
@@ -317,11 +343,15 @@ def cg(
     Raises:
         ValueError: If a search direction has :math:`p^\top (A + \lambda I) p \le 0` (not
             positive definite: use :func:`minres` or more damping), or
-            :math:`r^\top M^{-1} r \le 0` (preconditioner not positive definite).
+            :math:`r^\top M^{-1} r \le 0` (preconditioner not positive definite), or a bad
+            argument (checked before any product).
+        NonFiniteProductError: A product returned NaN/Inf (a ValueError).
+        TypeError: Arguments of the wrong type.
     """
     op = as_operator(A)
     b = _check_rhs(op, b)
-    damping, max_iters = _check_settings(op, damping, tol, atol, max_iters)
+    damping, tol, atol, maxiter = _check_settings(op, damping, tol, atol, maxiter,
+                                                  preconditioner)
     apply = _damped(op, damping)
     precond = preconditioner if preconditioner is not None else (lambda r: r)
 
@@ -334,7 +364,7 @@ def cg(
         r = b - apply(x)
         matvecs += 1
     threshold = max(tol * b_norm, atol)
-    history = [_norm(r)]
+    history = [_finite(_norm(r), "cg", "in the product with x0")]
     converged = history[0] <= threshold
     iterations = 0
     if not converged:
@@ -343,10 +373,10 @@ def cg(
         if not rz > 0:
             raise ValueError(f"the preconditioner is not positive definite (rᵀM⁻¹r = {rz:.3e})")
         p = z
-        for iterations in range(1, max_iters + 1):
+        for iterations in range(1, maxiter + 1):
             q = apply(p)
             matvecs += 1
-            pq = _dot(p, q)
+            pq = _finite(_dot(p, q), "cg", f"at iteration {iterations}")
             if not pq > 0:
                 raise ValueError(
                     f"A + damping*I is not positive definite: pᵀ(A + λI)p = {pq:.3e} at "
@@ -368,7 +398,7 @@ def cg(
                 )
             p = z + (rz_new / rz) * p
             rz = rz_new
-    final = _norm(b - apply(x))
+    final = _finite(_norm(b - apply(x)), "cg", "in the final residual's product")
     matvecs += 1
     return SolveResult(
         x, iterations, converged, np.asarray(history), final, b_norm, matvecs, "cg", damping
@@ -389,7 +419,7 @@ def minres(
     preconditioner: Preconditioner | None = None,
     tol: float = 1e-6,
     atol: float = 0.0,
-    max_iters: int | None = None,
+    maxiter: int | None = None,
     x0: Tensor | None = None,
 ) -> SolveResult:
     r"""Solve :math:`(A + \lambda I) x = b` by preconditioned MINRES (symmetric, maybe indefinite).
@@ -407,18 +437,22 @@ def minres(
         preconditioner: :math:`M^{-1}`, symmetric positive definite.
         tol: Relative tolerance on :math:`\bar\phi_k / \bar\phi_0`.
         atol: Absolute tolerance on :math:`\bar\phi_k`.
-        max_iters: Iteration cap (default 10 n).
+        maxiter: Iteration cap (default 10 n).
         x0: Start vector (default zero).
 
     Returns:
         The solution and its history.
 
     Raises:
-        ValueError: If the preconditioner is not positive definite.
+        ValueError: If the preconditioner is not positive definite, or a bad argument
+            (checked before any product).
+        NonFiniteProductError: A product returned NaN/Inf (a ValueError).
+        TypeError: Arguments of the wrong type.
     """
     op = as_operator(A)
     b = _check_rhs(op, b)
-    damping, max_iters = _check_settings(op, damping, tol, atol, max_iters)
+    damping, tol, atol, maxiter = _check_settings(op, damping, tol, atol, maxiter,
+                                                  preconditioner)
     apply = _damped(op, damping)
     precond = preconditioner if preconditioner is not None else (lambda r: r)
     eps = float(np.finfo(np.float64).eps)
@@ -431,6 +465,7 @@ def minres(
     else:
         r1 = b - apply(x)
         matvecs += 1
+        _finite(_norm(r1), "minres", "in the product with x0")
     y = precond(r1)
     beta1 = _dot(r1, y)
     if beta1 < 0:
@@ -448,13 +483,13 @@ def minres(
         w = torch.zeros_like(b)
         w2 = torch.zeros_like(b)
         r2 = r1
-        for iterations in range(1, max_iters + 1):
+        for iterations in range(1, maxiter + 1):
             v = y / beta
             y = apply(v)
             matvecs += 1
             if iterations >= 2:
                 y = y - (beta / old_beta) * r1
-            alpha = _dot(v, y)
+            alpha = _finite(_dot(v, y), "minres", f"at iteration {iterations}")
             y = y - (alpha / beta) * r2
             r1, r2 = r2, y
             y = precond(r2)
@@ -484,7 +519,7 @@ def minres(
                 break
             if beta <= eps * beta1:  # invariant Krylov space: x is the minimiser already
                 break
-    final = _norm(b - apply(x))
+    final = _finite(_norm(b - apply(x)), "minres", "in the final residual's product")
     matvecs += 1
     return SolveResult(
         x, iterations, converged, np.asarray(history), final, b_norm, matvecs, "minres", damping
@@ -518,7 +553,7 @@ def natural_gradient(
     method: str = "cg",
     preconditioner: Preconditioner | None = None,
     tol: float = 1e-6,
-    max_iters: int | None = None,
+    maxiter: int | None = None,
 ) -> NaturalGradient:
     r"""Solve :math:`(F + \lambda I)\,x = g` for a gradient :math:`g` in parameter shape.
 
@@ -530,7 +565,7 @@ def natural_gradient(
         method: ``"cg"`` (PSD ``F``) or ``"minres"``.
         preconditioner: Optional :math:`M^{-1}` (built with the same damping).
         tol: Relative residual tolerance.
-        max_iters: Iteration cap.
+        maxiter: Iteration cap (default 10 n).
 
     Returns:
         The direction in parameter shape and the solve's record.
@@ -548,6 +583,7 @@ def natural_gradient(
         )
     if method not in ("cg", "minres"):
         raise ValueError(f"method must be 'cg' or 'minres', got {method!r}")
+    maxiter = _check_maxiter(maxiter)
     names = tuple(F.param_names)
     as_dict = isinstance(gradient, Mapping)
     if gradient is None:
@@ -580,7 +616,7 @@ def natural_gradient(
     g_flat = F.flatten([g.detach() for g in grads])
     solver = cg if method == "cg" else minres
     result = solver(
-        F, g_flat, damping=damping, preconditioner=preconditioner, tol=tol, max_iters=max_iters
+        F, g_flat, damping=damping, preconditioner=preconditioner, tol=tol, maxiter=maxiter
     )
     blocks = F.unflatten(result.x)
     direction = dict(zip(names, blocks)) if as_dict else list(blocks)

@@ -43,7 +43,7 @@ import numpy as np
 
 from ._as_operator import as_operator, with_parameters_fixed
 from ._tridiagonal import tridiag_eigh
-from .lanczos_coefficients import lanczos_coefficients
+from .lanczos_coefficients import COEFFICIENT_REORTH, lanczos_coefficients
 from .trace import (
     TraceEstimate,
     check_count,
@@ -60,9 +60,6 @@ __all__ = [
     "spectral_density",
     "trace_function",
 ]
-
-SLQ_REORTH = ("full", "none")
-
 
 @dataclass(frozen=True)
 class QuadratureRule:
@@ -182,7 +179,9 @@ def slq_quadrature(
         The quadrature rules.
 
     Raises:
-        ValueError: For ``lanczos_steps > n``, unknown ``probe``/``reorth``, non-finite products.
+        ValueError: For ``lanczos_steps > n``, unknown ``probe``/``reorth``;
+            :class:`~curvops.solvers.NonFiniteProductError` (a ValueError) for a product
+            with NaN/Inf.
     """
     op = as_operator(A)
     num_probes = check_count("num_probes", num_probes)
@@ -193,8 +192,8 @@ def slq_quadrature(
             f"lanczos_steps={lanczos_steps} exceeds the dimension n={op.n} (a Krylov space has "
             "at most n dimensions)"
         )
-    if reorth not in SLQ_REORTH:
-        raise ValueError(f"reorth must be one of {SLQ_REORTH} for SLQ, got {reorth!r}")
+    if reorth not in COEFFICIENT_REORTH:
+        raise ValueError(f"reorth must be one of {COEFFICIENT_REORTH} for SLQ, got {reorth!r}")
     probes = rademacher_or_gaussian_probes(op.n, num_probes, probe, seed, op.dtype, op.device)
     norms_sq = dots(probes, probes).cpu().numpy()
     coefs = lanczos_coefficients(op, probes, lanczos_steps, reorth=reorth)

@@ -22,7 +22,8 @@ For a symmetric :math:`A \in \mathbb{R}^{n\times n}` and random probes :math:`v`
 Probes are drawn in float64 on the CPU from ``torch.Generator().manual_seed(seed)``, so
 one seed gives the same probes on every device and in every dtype, then cast to the
 operator's dtype and moved to its device. Products run in the operator's dtype; every
-scalar and every accumulation is float64.
+scalar and every accumulation is float64. A product that returns NaN/Inf raises
+:class:`~curvops.solvers.NonFiniteProductError`.
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from curvops.linops.checks import as_integer
 from torch import Tensor
 
-from ._as_operator import as_operator, with_parameters_fixed
+from ._as_operator import as_operator, non_finite_product, with_parameters_fixed
 
 __all__ = [
     "DiagonalEstimate",
@@ -135,18 +137,28 @@ def rademacher_or_gaussian_probes(
 
 def check_count(name: str, value: object, minimum: int = 1) -> int:
     """``value`` as an int ≥ ``minimum``, else a clear error."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    count = as_integer(value)
+    if count is None:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
+    if count < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
+    return count
 
 
 def check_seed(seed: object) -> int:
     """An explicit integer seed (no global RNG)."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+    value = as_integer(seed)
+    if value is None:
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    return int(seed)
+    return value
+
+
+def _finite(values: np.ndarray | Tensor, solver: str) -> None:
+    """Refuse results of products that hold NaN/Inf (one reduction)."""
+    ok = bool(torch.isfinite(values).all()) if isinstance(values, Tensor) else bool(
+        np.all(np.isfinite(values)))
+    if not ok:
+        raise non_finite_product(solver, "in a product with the probes")
 
 
 def _mean_and_error(samples: np.ndarray) -> tuple[float, float]:
@@ -196,6 +208,7 @@ def hutchinson_trace(
         V = V_all[:, start:stop]
         samples[start:stop] = dots(V, op.matmat(V)).cpu()
     s = samples.numpy()
+    _finite(s, "hutchinson_trace")
     value, se = _mean_and_error(s)
     return TraceEstimate(value, se, num_probes, num_probes, s, "hutchinson")
 
@@ -243,6 +256,7 @@ def hutchpp_trace(
     G64 = G.to(torch.float64)
     G_perp = (G64 - Q @ (Q.T @ G64)).to(op.dtype)
     samples = dots(G_perp, op.matmat(G_perp)).cpu().numpy()
+    _finite(np.append(samples, exact_part), "hutchpp_trace")
     mean, se = _mean_and_error(samples)
     return TraceEstimate(exact_part + mean, se, 3 * k, k, samples, "hutch++")
 
@@ -287,6 +301,7 @@ def hutchinson_diagonal(
         Z = V.to(torch.float64) * op.matmat(V).to(torch.float64)
         total += Z.sum(dim=1)
         total_sq += (Z * Z).sum(dim=1)
+    _finite(total_sq, "hutchinson_diagonal")
     mean = total / num_probes
     # Sample variance from the running sums (float64; P is small next to 1/eps).
     var = (total_sq - num_probes * mean * mean).clamp_min(0.0) / (num_probes - 1)
@@ -316,4 +331,5 @@ def exact_diagonal(A: object, *, chunk_size: int = 64) -> DiagonalEstimate:
         E = torch.zeros(op.n, stop - start, dtype=op.dtype, device=op.device)
         E[start + cols, cols] = 1
         diag[start:stop] = op.matmat(E)[start + cols, cols].to(torch.float64)
+    _finite(diag, "exact_diagonal")
     return DiagonalEstimate(diag, torch.zeros_like(diag), op.n, op.n, "exact")

@@ -1,4 +1,4 @@
-"""The array-library views (adapters/array_view.py, scipy_view.py, cupy_view.py).
+"""The array-library views (linops/array_view.py, scipy_view.py, cupy_view.py).
 
 CPU half: the shared product logic with numpy (against brute-force dense references
 and scipy's solvers), the DLPack exchange run with numpy (zero copy both ways), the
@@ -18,16 +18,16 @@ import numpy as np
 import pytest
 import scipy.sparse.linalg as spla
 import torch
-from curvops.adapters.array_view import (
+from curvops.linops import GGNOperator, HessianOperator, LinearOperatorBase
+from curvops.linops.array_view import (
     NUMPY,
     apply_operator,
     dlpack_namespace,
     torch_dtype_of_view,
     view_dtype,
 )
-from curvops.adapters.cupy_view import cupy_namespace, to_cupy
-from curvops.adapters.scipy_view import ScipyView, to_scipy
-from curvops.linops import GGNOperator, HessianOperator, LinearOperatorBase
+from curvops.linops.cupy_view import cupy_namespace, to_cupy
+from curvops.linops.scipy_view import ScipyView, to_scipy
 from references import dense_ggn, dense_hessian_double_backward, mlp_ce, selected_names
 from torch import Tensor
 

@@ -435,7 +435,7 @@ def test_bfloat16_cached_equals_fresh(kind):
 def test_hf_language_model_cached_equals_fresh():
     """Cached graphs are built under the objective's attention context (SDPA math)."""
     transformers = pytest.importorskip("transformers")
-    from curvops.adapters.hf import hf_objective
+    from curvops.linops.hf import hf_objective
 
     torch.manual_seed(0)
     config = transformers.GPT2Config(
@@ -549,7 +549,7 @@ def test_solvers_and_composite_operators_hold_the_parameters(monkeypatch):
     res = cg(op, b, damping=0.1, tol=1e-10)
     assert res.matvecs > 3 and calls[0] == 2
     calls[0] = 0
-    res = minres(H.damped(0.5) + 0.5 * op, b, tol=1e-10, max_iters=30)
+    res = minres(H.damped(0.5) + 0.5 * op, b, tol=1e-10, maxiter=30)
     assert res.matvecs > 3 and calls[0] == 4  # two curvature operators: entry and exit each
     from curvops.solvers import (
         LanczosConfig,

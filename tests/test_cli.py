@@ -9,8 +9,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-from curvops.adapters.cli import main
 from curvops.validation import zoo
+
+from curvops.cli import main
 
 
 def _dense_top(model, loss_fn, data, name, k):
@@ -137,7 +138,7 @@ def test_spectrum_of_a_factory_returning_a_transformers_model(tmp_path, monkeypa
                  "--max-iter", "200"]) == 0
     result = json.loads(capsys.readouterr().out)
     import my_lm
-    from curvops.adapters.hf import hf_objective
+    from curvops.linops.hf import hf_objective
 
     model = my_lm.make()
     sys.modules.pop("my_lm", None)
@@ -149,8 +150,8 @@ def test_spectrum_of_a_factory_returning_a_transformers_model(tmp_path, monkeypa
 
 @pytest.mark.hf
 def test_spectrum_of_a_local_huggingface_directory(tmp_path, capsys):
-    from curvops.adapters.hf import hf_objective
     from curvops.linops import EmpiricalFisherOperator
+    from curvops.linops.hf import hf_objective
 
     p = zoo.build("gpt2-tiny", torch.float64)
     p.model.save_pretrained(tmp_path / "tiny")
@@ -169,7 +170,7 @@ def test_spectrum_of_a_local_huggingface_directory(tmp_path, capsys):
 
 
 def test_module_entry_point_runs():
-    done = subprocess.run([sys.executable, "-m", "curvops.adapters.cli", "--help"],
+    done = subprocess.run([sys.executable, "-m", "curvops", "--help"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0
     for sub in ("validate", "spectrum", "bench"):
@@ -178,7 +179,7 @@ def test_module_entry_point_runs():
 
 @pytest.mark.slow
 def test_quick_validate_passes_end_to_end(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "curvops.adapters.cli", "validate", "--quick",
+    done = subprocess.run([sys.executable, "-m", "curvops", "validate", "--quick",
                            "--out", str(tmp_path), "--no-progress"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from curvops.solvers.fisher_spectral import (
+from curvops.adapters.fisher_spectral import (
     BLOCK_APPROXIMATION_NOTE,
     FisherSpectral,
     SpectralConfig,
@@ -196,7 +196,7 @@ def test_layer_blocks_of_gpt2_are_one_per_layer_and_the_union() -> None:
     full = FisherSpectral(cfg).compute_fisher_spectrum(model, batch)
     assert out["trace"] == pytest.approx(full["trace"], rel=1e-12)  # same trace, other spectrum
     assert not np.allclose(out["eigenvalues"][:6], full["eigenvalues"][:6])
-    from curvops.adapters.hf import hf_objective
+    from curvops.linops.hf import hf_objective
     from curvops.linops.per_example import per_example_gradients
 
     G = per_example_gradients(model, hf_objective(model), batch, method="loop")
@@ -219,7 +219,7 @@ SUBSAMPLED_RUN = textwrap.dedent(
     import sys, torch
     sys.path.insert(0, {tests!r})
     from test_gram import classification_data, mlp_classifier
-    from curvops.solvers.fisher_spectral import FisherSpectral, SpectralConfig
+    from curvops.adapters.fisher_spectral import FisherSpectral, SpectralConfig
     cfg = SpectralConfig(seed=11, max_params_per_block=9)
     out = FisherSpectral(cfg).compute_fisher_spectrum(
         mlp_classifier(), classification_data(), block_structure="module",

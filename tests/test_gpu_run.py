@@ -173,16 +173,14 @@ def test_iteration_caps_shrink_with_memory_and_time():
 
 @pytest.mark.hf
 def test_an_out_of_memory_case_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
-    import curvops.solvers
-
-    real = curvops.solvers.lanczos
+    real = gpu_run.lanczos
 
     def lanczos_oom_for_selective(A, k=None, *, config=None, v0=None):
         if config.strategy == "selective":
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.00 GiB")
         return real(A, k, config=config, v0=v0)
 
-    monkeypatch.setattr(curvops.solvers, "lanczos", lanczos_oom_for_selective)
+    monkeypatch.setattr(gpu_run, "lanczos", lanczos_oom_for_selective)
     data = gpu_run.main(["--smoke", "--out", str(tmp_path), "--sections", "scale_ladder",
                          "--models", "gpt2-smoke"])
     (model,) = data["sections"]["scale_ladder"]["models"]

@@ -237,7 +237,7 @@ def lm_reference_gradients(model: nn.Module, batch: dict, names: list[str]) -> t
 
 @pytest.mark.hf
 def test_gram_eigenvalues_tiny_gpt2_with_padding() -> None:
-    from curvops.adapters.hf import hf_objective
+    from curvops.linops.hf import hf_objective
 
     model = tiny_gpt2()
     batch = padded_lm_batch()
@@ -263,7 +263,7 @@ def test_gram_eigenvalues_tiny_gpt2_with_padding() -> None:
 
 @pytest.mark.hf
 def test_gpt2_methods_agree_and_vmap_without_mask() -> None:
-    from curvops.adapters.hf import hf_objective
+    from curvops.linops.hf import hf_objective
 
     model = tiny_gpt2()
     batch = padded_lm_batch()

@@ -12,9 +12,9 @@ import types
 import numpy as np
 import pytest
 import torch
-from curvops.adapters.hf import LanguageModelObjective, attention_product_context, hf_objective
-from curvops.adapters.memory import plan_micro_batches, saved_tensor_bytes
 from curvops.linops import EmpiricalFisherOperator, GGNOperator, HessianOperator
+from curvops.linops.hf import LanguageModelObjective, attention_product_context, hf_objective
+from curvops.linops.memory import plan_micro_batches, saved_tensor_bytes
 from torch.func import functional_call, grad, jvp, vjp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 

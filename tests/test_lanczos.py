@@ -1,4 +1,5 @@
-"""Proof of the Lanczos eigensolver (issue 4): accuracy, ghosts, orthogonality, matvecs."""
+"""Proof of the Lanczos eigensolver: accuracy, ghosts, orthogonality, matvecs, and its API
+(keywords against ``LanczosConfig``, checks before any product, one error per condition)."""
 
 from __future__ import annotations
 
@@ -138,7 +139,7 @@ def test_exhausted_krylov_space_of_a_low_rank_operator(reorth, seed, dtype) -> N
     # A rank-8 operator with n = 30080 (the EF of 8 sequences of a small GPT-2 in the
     # validation ladder): after 9 steps the Krylov space is invariant and beta is only what
     # the semi-orthogonal basis left along its own vectors. That must be found to be a
-    # breakdown; taken as a direction, partial diverged (eigenvalues 1e11, loss 1.0).
+    # breakdown; taken as a direction, partial diverges (eigenvalues 1e11, loss 1.0).
     A = _GramOperator(30080, 8, seed, dtype)
     res = lanczos(A, 5, config=LanczosConfig(reorth=reorth, tol=1e-8, max_iters=300))
     eps = torch.finfo(dtype).eps
@@ -232,8 +233,8 @@ def test_none_keeps_weakly_represented_eigenvalue(seed: int) -> None:
     # float32, top eigenvalues 10, 9, 8, 7.5, 7, 6 with a start vector that has a small
     # component (1e-2 of a standard normal) on 7.5. Its eigenvector of T then has a small
     # first component, so it matches an eigenvalue of T-hat inside the (working-precision)
-    # CW tolerance: it used to be dropped as spurious and the run stopped with
-    # [10, 9, 8, 7, 6] all "converged".
+    # CW tolerance: a test that ignored its converged residual bound would drop it as
+    # spurious and stop with [10, 9, 8, 7, 6] all "converged".
     n = 200
     ev = np.concatenate([[10.0, 9.0, 8.0, 7.0, 6.0, 7.5],
                          np.random.default_rng(seed).uniform(0, 5, n - 6)])
@@ -582,3 +583,224 @@ def test_ggn_operator_against_dense_and_eigsh(ggn, reorth: str) -> None:
         assert res.eigenvectors.dtype == op.dtype and res.eigenvectors.device == op.device
         parts = res.eigenvector_as_params(0, op.params)
         assert [p.shape for p in parts] == [p.shape for p in op.params]
+
+
+# ------------------------------------------------------------- keywords and LanczosConfig
+def _same_result(a: LanczosResult, b: LanczosResult) -> None:
+    """Bit for bit, everything but the timings."""
+    for name in ("eigenvalues", "residual_norms", "converged"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    if a.eigenvectors is None or b.eigenvectors is None:
+        assert a.eigenvectors is None and b.eigenvectors is None
+    else:
+        assert torch.equal(a.eigenvectors, b.eigenvectors)
+    for name in ("iterations", "matvecs", "strategy", "which", "breakdowns", "notes",
+                 "tol_used", "process_eps", "reorthogonalizations", "verified",
+                 "spurious_removed", "rayleigh_ritz", "regularization_used"):
+        assert getattr(a, name) == getattr(b, name), name
+    assert a.orthogonality_loss == b.orthogonality_loss or (
+        np.isnan(a.orthogonality_loss) and np.isnan(b.orthogonality_loss))
+
+
+@pytest.mark.parametrize("reorth", STRATEGIES)
+def test_keywords_equal_config_bit_for_bit(reorth: str) -> None:
+    A = torch.tensor(MATRICES["indefinite"])
+    keywords = {"which": "BE", "tol": 1e-8, "maxiter": 120, "seed": 7, "reorth": reorth,
+                "basis_dtype": torch.float32, "operator_eps": 1e-6, "record_history": True,
+                "return_eigenvectors": reorth != "none", "measure_orthogonality": False}
+    config = LanczosConfig(k=4, which="BE", tol=1e-8, max_iters=120, seed=7, reorth=reorth,
+                           dtype_compute=torch.float32, operator_eps=1e-6,
+                           record_history=True, return_eigenvectors=reorth != "none",
+                           measure_orthogonality=False)
+    flat = lanczos(A, 4, **keywords)
+    _same_result(flat, lanczos(A, config=config))
+    assert flat.history is not None and len(flat.history) == flat.iterations
+    # The defaults are LanczosConfig()'s.
+    _same_result(lanczos(A, 4, reorth=reorth), lanczos(A, 4, config=LanczosConfig(reorth=reorth)))
+
+
+def test_rayleigh_ritz_keywords_equal_config() -> None:
+    A = _fp32_separated()
+    flat = lanczos(A, 3, basis_dtype=torch.bfloat16, tol=1e-7, maxiter=60,
+                   rayleigh_ritz=True, rayleigh_ritz_jitter=1e-6)
+    cfg = lanczos(A, 3, config=LanczosConfig(dtype_compute=torch.bfloat16, tol=1e-7,
+                                             max_iters=60, rayleigh_ritz=True,
+                                             regularization=1e-6))
+    _same_result(flat, cfg)
+    assert flat.rayleigh_ritz
+
+
+def test_every_config_setting_has_a_keyword() -> None:
+    import dataclasses
+    import importlib
+    import inspect
+
+    lanczos_module = importlib.import_module("curvops.solvers.lanczos")
+    params = inspect.signature(lanczos).parameters
+    mapping = lanczos_module._KEYWORD_FIELDS
+    assert set(mapping) <= set(params)
+    config_only = {"reorth_period", "dtype_tridiag"}  # the seed's names, no keyword
+    fields = {f.name for f in dataclasses.fields(LanczosConfig)}
+    assert set(mapping.values()) == fields - config_only
+    # help(lanczos) shows the real defaults (LanczosConfig()'s, the strategy it implies).
+    defaults = LanczosConfig()
+    for key, name in mapping.items():
+        shown = "full" if key == "reorth" else getattr(defaults, name)
+        assert repr(params[key].default) == repr(shown), key
+    assert repr(params["maxiter"].default) == "300" and repr(params["k"].default) == "5"
+
+
+def test_a_keyword_passed_overrides_config_and_one_left_out_does_not() -> None:
+    import dataclasses
+
+    A = MATRICES["separated"][:60, :60]
+    A = (A + A.T) / 2
+    config = LanczosConfig(k=3, max_iters=7, tol=0, reorth_period=5, seed=1)
+    before = dataclasses.asdict(config)
+    from_config = lanczos(A, config=config)
+    assert from_config.iterations == 7 and from_config.eigenvalues.size == 3
+    assert from_config.strategy == "selective"  # the seed mapping of reorth_period
+    overridden = lanczos(A, 2, config=config, maxiter=11, reorth="partial")
+    assert overridden.iterations == 11 and overridden.eigenvalues.size == 2
+    assert overridden.strategy == "partial"
+    # A keyword passed with its default value still overrides: maxiter=300 > n.
+    assert lanczos(A, config=config, maxiter=300).iterations == 60
+    # k=None takes config.k, as before.
+    assert lanczos(A, None, config=config).eigenvalues.size == 3
+    # The same run as the equivalent config: the keyword only sets the field.
+    _same_result(lanczos(A, config=config, seed=4),
+                 lanczos(A, config=LanczosConfig(k=3, max_iters=7, tol=0, reorth_period=5,
+                                                 seed=4)))
+    assert dataclasses.asdict(config) == before  # the caller's config is not changed
+
+
+class CountingExploding:
+    """A 50 x 50 operator that counts its products (and refuses them)."""
+
+    shape, dtype = (50, 50), np.float64
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def matvec(self, x):
+        self.count += 1
+        raise AssertionError("matvec called")
+
+    def matmat(self, X):
+        self.count += X.shape[1]
+        raise AssertionError("matmat called")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        ({"maxiter": 0}, ValueError, "maxiter"),
+        ({"maxiter": -3}, ValueError, "maxiter"),
+        ({"maxiter": 2.5}, ValueError, "maxiter"),
+        ({"maxiter": "10"}, ValueError, "maxiter"),
+        ({"maxiter": True}, ValueError, "maxiter"),
+        ({"maxiter": None}, ValueError, "maxiter"),
+        ({"maxiter": 3}, ValueError, "maxiter=3 must be at least k=5"),
+        ({"config": LanczosConfig(max_iters=3)}, ValueError, "config.max_iters=3"),
+        ({"config": LanczosConfig(max_iters=3), "maxiter": 4}, ValueError, "maxiter=4"),
+        ({"tol": -1.0}, ValueError, "tol"),
+        ({"tol": float("nan")}, ValueError, "tol"),
+        ({"which": "XX"}, ValueError, "which"),
+        ({"reorth": "sometimes"}, ValueError, "reorth"),
+        ({"seed": 1.5}, TypeError, "seed"),
+        ({"operator_eps": 2.0}, ValueError, "operator_eps"),
+        ({"basis_dtype": torch.int64}, TypeError, "basis_dtype"),
+        ({"basis_device": "gpu"}, ValueError, "basis_device"),
+        ({"basis_device": 3}, TypeError, "basis_device"),
+        ({"rayleigh_ritz_jitter": -1.0}, ValueError, "rayleigh_ritz_jitter"),
+        ({"rayleigh_ritz": True, "reorth": "partial"}, ValueError, "rayleigh_ritz"),
+        ({"rayleigh_ritz": "yes"}, TypeError, "rayleigh_ritz"),
+        ({"verify": 1}, TypeError, "verify"),
+        ({"progress": "yes"}, TypeError, "progress"),
+        ({"return_eigenvectors": None}, TypeError, "return_eigenvectors"),
+        ({"config": {"k": 3}}, TypeError, "LanczosConfig"),
+        ({"v0": np.ones(50), "maxiter": 0}, ValueError, "maxiter"),
+    ],
+)
+def test_every_keyword_checked_before_any_product(kwargs, exc, match) -> None:
+    op = CountingExploding()
+    kwargs = {"k": 5, **kwargs}
+    with pytest.raises(exc, match=match):
+        lanczos(op, **kwargs)
+    assert op.count == 0
+
+
+def test_settings_of_a_mutated_config_are_checked_and_named() -> None:
+    config = LanczosConfig()
+    config.max_iters = 0  # a dataclass can be changed after its own check
+    op = CountingExploding()
+    with pytest.raises(ValueError, match="config.max_iters must be a positive int"):
+        lanczos(op, 3, config=config)
+    assert op.count == 0
+
+
+@pytest.mark.parametrize("old", [{"max_iters": 10}, {"dtype_compute": torch.float32},
+                                 {"regularization": 0.1}, {"reorth_period": 5},
+                                 {"dtype_tridiag": torch.float64}])
+def test_seed_names_are_config_fields_not_keywords(old) -> None:
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        lanczos(MATRICES["separated"], 3, **old)
+
+
+# ------------------------------------------------------------ one error per condition
+class NaNAfter:
+    """``A x`` for the first ``good`` products, NaN (or Inf) afterwards; matmat likewise."""
+
+    def __init__(self, A: np.ndarray, good: int, bad: float = np.nan,
+                 block_bad: bool = False) -> None:
+        self.A, self.good, self.bad, self.block_bad = A, good, bad, block_bad
+        self.shape, self.dtype, self.count = A.shape, A.dtype, 0
+
+    def matvec(self, x):
+        self.count += 1
+        y = self.A @ x.reshape(-1)
+        if self.count > self.good:
+            y[3] = self.bad
+        return y
+
+    def matmat(self, X):
+        Y = self.A @ X
+        if self.block_bad:
+            Y[3] = self.bad
+        return Y
+
+
+@pytest.mark.parametrize("reorth", STRATEGIES)
+@pytest.mark.parametrize(("good", "bad"), [(0, np.nan), (0, np.inf), (9, np.nan)])
+def test_non_finite_product_raises_one_error(reorth: str, good: int, bad: float) -> None:
+    from curvops.solvers import NonFiniteProductError
+
+    op = NaNAfter(MATRICES["separated"], good, bad)
+    with pytest.raises(NonFiniteProductError, match=r"lanczos: the operator returned NaN/Inf "
+                       rf"at iteration {good + 1}\b"):
+        lanczos(op, 3, reorth=reorth, tol=1e-10)
+    # One exception, catchable as ValueError and as FloatingPointError.
+    assert issubclass(NonFiniteProductError, ValueError)
+    assert issubclass(NonFiniteProductError, FloatingPointError)
+
+
+def test_non_finite_product_in_second_pass_and_in_verification() -> None:
+    from curvops.solvers import NonFiniteProductError
+
+    A = MATRICES["separated"]
+    first = lanczos(A, 3, reorth="none", tol=1e-10, return_eigenvectors=False, verify=False)
+    op = NaNAfter(A, first.iterations + 2)  # the first pass is clean, the second is not
+    with pytest.raises(NonFiniteProductError, match="second pass"):
+        lanczos(op, 3, reorth="none", tol=1e-10)
+    op = NaNAfter(A, 10**6, block_bad=True)  # only the batched verification product
+    with pytest.raises(NonFiniteProductError, match="products of the Ritz vectors"):
+        lanczos(op, 3, reorth="full", tol=1e-10)
+
+
+def test_non_symmetric_operator_error_is_exported() -> None:
+    from curvops.solvers import NonSymmetricOperatorError
+
+    A = np.random.default_rng(0).standard_normal((60, 60))
+    with pytest.raises(NonSymmetricOperatorError, match="not symmetric"):
+        lanczos(A, 3)
+    assert issubclass(NonSymmetricOperatorError, ValueError)

@@ -1,4 +1,4 @@
-"""Lanczos on operators less accurate than float64 (issue 4 follow-up).
+"""Lanczos on operators less accurate than float64.
 
 A bf16 operator's products carry relative noise ~2^-8 and are not exactly linear or
 symmetric; the thresholds of every strategy must follow that precision (eps_A), not the
@@ -113,7 +113,7 @@ def test_noisy_operator_with_operator_eps(reorth: str, tol: float) -> None:
 @pytest.mark.parametrize("reorth", ["selective", "none"])
 def test_noisy_operator_without_operator_eps_is_measured(reorth: str) -> None:
     # Without operator_eps the run measures the noise itself (with float64 thresholds it
-    # went unnoticed and lambda_1 filled the top slots: 10.001 five times).
+    # goes unnoticed and lambda_1 fills the top slots: 10.001 five times).
     cap = 150 if reorth != "none" else 450
     res = lanczos(NoisyOperator(), 5, config=LanczosConfig(
         reorth=reorth, tol=1e-10, max_iters=cap, return_eigenvectors=False))
@@ -124,8 +124,8 @@ def test_noisy_operator_without_operator_eps_is_measured(reorth: str) -> None:
 
 @pytest.mark.parametrize("reorth", ["selective", "partial"])
 def test_negative_control_without_measurement_ghosts_are_caught(monkeypatch, reorth) -> None:
-    # The solver as it was, with float64 thresholds on a noisy operator: measurement and
-    # probes switched off. It returns wrong values; the verification must catch them all.
+    # A solver with float64 thresholds on a noisy operator: measurement and probes
+    # switched off. It returns wrong values; the verification must catch them all.
     from curvops.solvers import _lanczos_strategies, _operator_accuracy
 
     monkeypatch.setattr(_operator_accuracy.AccuracyMonitor, "observe",

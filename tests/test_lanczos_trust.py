@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from curvops.solvers import LanczosConfig, compute_fisher_eigenvalues_lanczos, lanczos
+from curvops.adapters import compute_fisher_eigenvalues_lanczos
+from curvops.solvers import LanczosConfig, lanczos
 from scipy.sparse.linalg import eigsh
 
 STRATEGIES = ("full", "selective", "partial", "none")
@@ -111,8 +112,8 @@ def tiny_llama():
     for i, length in enumerate((10, 7, 4)):
         mask[i, :length] = 1
     batch = {"input_ids": ids, "attention_mask": mask}
-    from curvops.adapters.hf import hf_objective
     from curvops.linops import GGNOperator
+    from curvops.linops.hf import hf_objective
 
     op = GGNOperator(model, hf_objective(model), batch)
     ref = np.sort(eigsh(op.to_scipy(), 6, which="LA", tol=1e-12,

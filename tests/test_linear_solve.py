@@ -196,8 +196,8 @@ def test_bad_input_is_refused(ill_conditioned_ggn):
         minres(A, b.numpy())
     with pytest.raises(ValueError, match="NaN"):
         cg(A, torch.full((4,), float("nan"), dtype=torch.float64))
-    with pytest.raises(ValueError, match="max_iters"):
-        cg(A, b, max_iters=0)
+    with pytest.raises(ValueError, match="maxiter"):
+        cg(A, b, maxiter=0)
     with pytest.raises(ValueError, match="positive"):
         DiagonalPreconditioner(torch.tensor([1.0, -2.0], dtype=torch.float64))
     with pytest.raises(ValueError, match="orthonormal"):
@@ -217,8 +217,78 @@ def test_bad_input_is_refused(ill_conditioned_ggn):
         natural_gradient(A, [b], damping=0.1)
     # Iteration cap: not converged, and says so.
     capped = cg(R.matrix_with_spectrum(torch.logspace(-3, 1, 60, dtype=torch.float64)),
-                rhs(60), tol=1e-12, max_iters=5)
+                rhs(60), tol=1e-12, maxiter=5)
     assert not capped.converged and capped.iterations == 5
+    capped = minres(R.matrix_with_spectrum(torch.logspace(-3, 1, 60, dtype=torch.float64)),
+                    rhs(60), tol=1e-12, maxiter=4)
+    assert not capped.converged and capped.iterations == 4
+
+
+class CountingMatrix:
+    """A torch-native operator that counts its products."""
+
+    def __init__(self, A: torch.Tensor) -> None:
+        self.A, self.count = A, 0
+        self.shape, self.dtype, self.device = tuple(A.shape), A.dtype, A.device
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        self.count += 1
+        return self.A @ v
+
+
+@pytest.mark.parametrize("solver", [cg, minres])
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        ({"maxiter": 0}, ValueError, "maxiter"),
+        ({"maxiter": -1}, ValueError, "maxiter"),
+        ({"maxiter": 2.0}, TypeError, "maxiter"),
+        ({"maxiter": "5"}, TypeError, "maxiter"),
+        ({"maxiter": True}, TypeError, "maxiter"),
+        ({"tol": 0.0, "atol": 0.0}, ValueError, "explicit maxiter"),
+        ({"tol": -1e-6}, ValueError, "tol"),
+        ({"tol": "1e-6"}, TypeError, "tol"),
+        ({"atol": float("inf")}, ValueError, "atol"),
+        ({"damping": float("nan")}, ValueError, "damping"),
+        ({"preconditioner": "jacobi"}, TypeError, "preconditioner"),
+        ({"x0": torch.full((6,), float("nan"), dtype=torch.float64)}, ValueError, "x0"),
+        ({"x0": torch.ones(5, dtype=torch.float64)}, ValueError, "x0"),
+    ],
+)
+def test_settings_checked_before_any_product(solver, kwargs, exc, match):
+    op = CountingMatrix(torch.eye(6, dtype=torch.float64))
+    with pytest.raises(exc, match=match):
+        solver(op, torch.ones(6, dtype=torch.float64), **kwargs)
+    assert op.count == 0
+    assert solver(op, torch.ones(6, dtype=torch.float64), maxiter=np.int64(3)).converged
+
+
+@pytest.mark.parametrize("solver", [cg, minres])
+def test_old_name_max_iters_is_gone(solver, ill_conditioned_ggn):
+    A = torch.eye(4, dtype=torch.float64)
+    with pytest.raises(TypeError, match="max_iters"):
+        solver(A, torch.ones(4, dtype=torch.float64), max_iters=5)
+    op, _ = ill_conditioned_ggn
+    with pytest.raises(TypeError, match="max_iters"):
+        natural_gradient(op, [torch.zeros_like(p) for p in op.params], damping=0.1,
+                         max_iters=5)
+    with pytest.raises(ValueError, match="maxiter"):
+        natural_gradient(op, [torch.zeros_like(p) for p in op.params], damping=0.1, maxiter=0)
+
+
+@pytest.mark.parametrize("solver", [cg, minres])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("x0", [False, True])
+def test_non_finite_product_raises_one_error(solver, bad, x0):
+    from curvops.solvers import NonFiniteProductError
+
+    A = torch.eye(6, dtype=torch.float64)
+    A[2, 2] = bad
+    b = torch.ones(6, dtype=torch.float64)
+    where = "in the product with x0" if x0 else "at iteration 1"
+    with pytest.raises(NonFiniteProductError,
+                       match=f"{solver.__name__}: the operator returned NaN/Inf {where}"):
+        solver(A, b, x0=b.clone() if x0 else None)
 
 
 @pytest.mark.gpu

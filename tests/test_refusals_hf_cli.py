@@ -14,15 +14,16 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from curvops.adapters.cli import EXIT_FAILED, EXIT_RUNTIME, EXIT_USAGE, main
-from curvops.solvers.lanczos import LanczosConfig
-from curvops.solvers.seed_api import (
+from curvops.adapters.seed_api import (
     compute_fisher_eigenvalues_lanczos,
     compute_hessian_eigenvalues_lanczos,
     compute_spectrum,
 )
+from curvops.solvers.lanczos import LanczosConfig
 from curvops.validation import ladder, report
 from torch import nn
+
+from curvops.cli import EXIT_FAILED, EXIT_RUNTIME, EXIT_USAGE, main
 
 V, POSITIONS = 50, 32
 
@@ -71,8 +72,8 @@ def _with(t: torch.Tensor, i: int, j: int, value: int) -> torch.Tensor:
     ],
 )
 def test_token_ids_and_lengths_are_refused_before_any_forward_pass(bad, match):
-    from curvops.adapters.hf import hf_objective
     from curvops.linops import GGNOperator
+    from curvops.linops.hf import hf_objective
 
     model = gpt2()
     calls = counting_forwards(model)
@@ -88,8 +89,8 @@ def test_token_ids_and_lengths_are_refused_before_any_forward_pass(bad, match):
 
 @pytest.mark.hf
 def test_an_objective_without_limits_explains_torchs_index_error():
-    from curvops.adapters.hf import LanguageModelObjective
     from curvops.linops import GGNOperator
+    from curvops.linops.hf import LanguageModelObjective
 
     model = gpt2()
     for bad, match in ((_with(ids(), 0, 0, V), "vocabulary"), (ids(1, 40), "positions")):
@@ -99,7 +100,7 @@ def test_an_objective_without_limits_explains_torchs_index_error():
 
 @pytest.mark.hf
 def test_objective_limits_are_checked_arguments():
-    from curvops.adapters.hf import LanguageModelObjective, hf_objective, model_limits
+    from curvops.linops.hf import LanguageModelObjective, hf_objective, model_limits
 
     assert model_limits(gpt2(pad_token_id=0)) == (V, POSITIONS, 0)
     obj = hf_objective(gpt2())
@@ -123,8 +124,8 @@ def _padded() -> torch.Tensor:
 
 @pytest.mark.hf
 def test_pad_tokens_without_a_mask_warn_once_naming_the_count_and_the_fix():
-    from curvops.adapters.hf import hf_objective
     from curvops.linops import GGNOperator
+    from curvops.linops.hf import hf_objective
 
     model = gpt2(pad_token_id=0)
     obj = hf_objective(model)
@@ -146,8 +147,8 @@ def test_pad_tokens_without_a_mask_warn_once_naming_the_count_and_the_fix():
 
 @pytest.mark.hf
 def test_strict_padding_refuses_pad_tokens_without_a_mask():
-    from curvops.adapters.hf import hf_objective
     from curvops.linops import GGNOperator
+    from curvops.linops.hf import hf_objective
 
     model = gpt2(pad_token_id=0)
     with pytest.raises(ValueError, match="8 pad tokens.*attention_mask"):
@@ -223,7 +224,7 @@ def _no_ladder(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the run started")
 
-    monkeypatch.setattr(ladder, "run_ladder", refuse)
+    monkeypatch.setattr("curvops.cli.run_ladder", refuse)
 
 
 def _one_line_error(err: str, *words: str) -> None:
@@ -309,7 +310,7 @@ def test_sequences_beyond_the_models_positions(tmp_path, monkeypatch, capsys):
 def test_validate_failed_rows_exit_1_and_help_documents_the_codes(tmp_path, monkeypatch,
                                                                   capsys):
     empty = ladder.LadderRun(records=[], rungs=[])
-    monkeypatch.setattr(ladder, "run_ladder", lambda *a, **k: empty)
+    monkeypatch.setattr("curvops.cli.run_ladder", lambda *a, **k: empty)
     monkeypatch.setattr(ladder.LadderRun, "passed", property(lambda self: False))
     assert main(["validate", "--quick", "--models", "mlp", "--out", str(tmp_path / "r"),
                  "--no-progress", "--no-figures"]) == EXIT_FAILED == 1

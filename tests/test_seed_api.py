@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import scipy.sparse.linalg as sla
 import torch
-from curvops.solvers.lanczos import LanczosConfig
-from curvops.solvers.seed_api import (
+from curvops.adapters.seed_api import (
     compute_fisher_eigenvalues_lanczos,
     compute_hessian_eigenvalues_lanczos,
     compute_spectrum,
     compute_spectrum_comparison,
 )
+from curvops.solvers.lanczos import LanczosConfig
 from torch import nn
 from torch.func import functional_call, jacrev
 from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -208,6 +208,25 @@ def test_bad_input_is_refused():
         slq_quadrature(nan_op, lanczos_steps=3)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("reorth", ["full", "none"])
+def test_non_finite_product_raises_one_error(bad, reorth):
+    from curvops.solvers import NonFiniteProductError
+    from curvops.solvers.lanczos_coefficients import lanczos_coefficients
+
+    A = torch.eye(8, dtype=torch.float64)
+    A[3, 3] = bad
+    match = "lanczos_coefficients: the operator returned NaN/Inf at step 1"
+    for run in (lambda: slq_quadrature(A, lanczos_steps=3, reorth=reorth),
+                lambda: spectral_density(A, lanczos_steps=3, reorth=reorth),
+                lambda: trace_function(A, np.exp, lanczos_steps=3, reorth=reorth),
+                lambda: log_determinant(A, lanczos_steps=3, reorth=reorth),
+                lambda: lanczos_coefficients(A, torch.ones(8, dtype=torch.float64), 3,
+                                             reorth=reorth)):
+        with pytest.raises(NonFiniteProductError, match=match):
+            run()
+
+
 @pytest.mark.gpu
 def test_cuda_matches_cpu():
     from curvops.solvers.trace import hutchinson_diagonal, hutchpp_trace

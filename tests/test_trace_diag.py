@@ -150,3 +150,27 @@ def test_bad_input_is_refused():
         hutchinson_trace("not an operator")
     with pytest.raises(ValueError, match="square"):
         exact_diagonal(torch.zeros(2, 3, dtype=torch.float64))
+    with pytest.raises(TypeError, match="num_probes"):
+        hutchinson_trace(A, num_probes=3.0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize(
+    "estimator",
+    [
+        lambda A: hutchinson_trace(A, num_probes=4),
+        lambda A: hutchinson_trace(A, num_probes=4, block_size=1),
+        lambda A: hutchpp_trace(A, matvecs=6),
+        lambda A: hutchinson_diagonal(A, num_probes=4),
+        lambda A: exact_diagonal(A, chunk_size=3),
+    ],
+    ids=["hutchinson_trace", "hutchinson_trace-blocks", "hutchpp_trace",
+         "hutchinson_diagonal", "exact_diagonal"],
+)
+def test_non_finite_product_raises_one_error(estimator, bad):
+    from curvops.solvers import NonFiniteProductError
+
+    A = torch.eye(8, dtype=torch.float64)
+    A[5, 5] = bad
+    with pytest.raises(NonFiniteProductError, match="the operator returned NaN/Inf"):
+        estimator(A)

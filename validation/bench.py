@@ -32,6 +32,7 @@ Writes ``validation/results/bench_power.json`` and ``validation/results/bench_sc
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import os
@@ -44,9 +45,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.sparse.linalg import LinearOperator, eigsh
 from torch import nn
 
+from ..linops import HessianOperator
+from ..linops.objective import as_objective
+from ..solvers.lanczos import LanczosConfig, lanczos
+from . import bench_lanczos, bench_products
 from .crosscheck import peak_memory
+from .ladder import _to_dtype
+from .zoo import build, classification_data, make_operator, seeded
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -96,8 +104,6 @@ def power_iteration_top(
 
 
 def _mlp_problem(seed: int = 0) -> tuple[nn.Module, nn.Module, tuple[torch.Tensor, torch.Tensor]]:
-    from .zoo import classification_data, seeded
-
     with seeded(seed):
         model = nn.Sequential(nn.Linear(784, 128), nn.Tanh(), nn.Linear(128, 10)).eval()
     (X, y), = classification_data(256, (784,), 10, dtype=torch.float32, seed=seed + 1)
@@ -106,10 +112,6 @@ def _mlp_problem(seed: int = 0) -> tuple[nn.Module, nn.Module, tuple[torch.Tenso
 
 def run_power(rounds: int = 3, seed: int = 0) -> dict[str, Any]:
     """The ``power`` part (see the module docstring)."""
-    from curvops.linops import HessianOperator
-    from curvops.solvers.lanczos import LanczosConfig, lanczos
-    from scipy.sparse.linalg import eigsh
-
     model, loss_fn, batch = _mlp_problem(seed)
     op = HessianOperator(model, loss_fn, [batch])
     n = op.shape[0]
@@ -128,7 +130,7 @@ def run_power(rounds: int = 3, seed: int = 0) -> dict[str, Any]:
     contenders["curvops lanczos (full, tol 1e-6)"] = curvops_lanczos
 
     try:
-        from curvlinops import HessianLinearOperator
+        from curvlinops import HessianLinearOperator  # optional peer: the bench extra
 
         params = [p for p in model.parameters() if p.requires_grad]
         cl = HessianLinearOperator(model, loss_fn, params, [batch])
@@ -140,8 +142,6 @@ def run_power(rounds: int = 3, seed: int = 0) -> dict[str, Any]:
             def mv(x: np.ndarray) -> np.ndarray:
                 count[0] += 1 if x.ndim == 1 else x.shape[1]
                 return view @ x
-
-            from scipy.sparse.linalg import LinearOperator
 
             lo = LinearOperator(view.shape, matvec=mv, matmat=mv, dtype=np.float32)
             v0 = torch.randn(n, generator=torch.Generator().manual_seed(seed)).numpy()
@@ -190,8 +190,6 @@ def run_power(rounds: int = 3, seed: int = 0) -> dict[str, Any]:
 
 
 def _copy_to(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    import copy
-
     return copy.deepcopy(model).to(dtype).eval()
 
 
@@ -211,8 +209,6 @@ def _total_loss(problem: Any) -> torch.Tensor:
     target tokens and normaliser as the operators), with the model's default attention
     kernel: the gradient pass a user would run.
     """
-    from curvops.linops.objective import as_objective
-
     objective = as_objective(problem.loss_fn)
     params = dict(problem.model.named_parameters())
     total = None
@@ -228,15 +224,11 @@ def _total_loss(problem: Any) -> torch.Tensor:
 
 def run_scaling(models: list[str], bf16_models: list[str], seed: int = 0) -> dict[str, Any]:
     """The ``scaling`` part (see the module docstring)."""
-    from .zoo import build, make_operator
-
     rows = []
     for dtype, names in ((torch.float32, models), (torch.bfloat16, bf16_models)):
         for name in names:
             p = build(name, torch.float32, seed)
             if dtype != torch.float32:
-                from .ladder import _to_dtype
-
                 p = _to_dtype(p, dtype)
             params = [q for q in p.model.parameters() if q.requires_grad]
 
@@ -278,14 +270,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     results: dict[str, Any] = {}
     if "products" in args.parts:
-        from . import bench_products
-
         results["products"] = bench_products.main(
             ["--rounds", "3" if args.quick else "15", "--out",
              str(args.out / "bench_products.json")])
     if "lanczos" in args.parts:
-        from . import bench_lanczos
-
         results["lanczos"] = bench_lanczos.main(
             (["--skip-mlp", "--repeats", "1"] if args.quick else [])
             + ["--out", str(args.out / "bench_lanczos.json")])

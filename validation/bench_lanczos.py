@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from curvops.linops import GGNOperator
 from curvops.solvers._tridiagonal import select_which
 from curvops.solvers.lanczos import LanczosConfig, lanczos
 from scipy.sparse.linalg import LinearOperator, eigsh
@@ -108,8 +109,6 @@ def _mlp_problem(seed: int = 0, batch: int = 256):
 def mlp_ggn(
     tol: float = 1e-6, k: int = 5, repeats: int = 7, batch_size: int = 256
 ) -> dict[str, Any]:
-    from curvops.linops import GGNOperator
-
     model, batch = _mlp_problem(batch=batch_size)
     loss = nn.CrossEntropyLoss()
     op = GGNOperator(model, loss, [batch])
@@ -166,7 +165,7 @@ def mlp_ggn(
             out["strategies"][reorth]["overhead_without_orthogonality_check"] = (
                 statistics.median(r[0] / (r[2].matvecs * r[1]) for r in bare[reorth]))
     try:
-        import curvlinops
+        import curvlinops  # optional: the bench extra (scripts/setup-bench.sh)
     except ImportError:
         out["curvlinops"] = "not installed (pip install curvlinops-for-pytorch)"
         return out

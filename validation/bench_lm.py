@@ -65,6 +65,7 @@ if ARGS is not None:
 import numpy as np  # noqa: E402
 import scipy.sparse.linalg as sla  # noqa: E402
 import torch  # noqa: E402
+from curvops.adapters.seed_api import compute_fisher_eigenvalues_lanczos  # noqa: E402
 from torch.func import functional_call, jvp, vjp  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
@@ -111,7 +112,7 @@ class PeakMemory:
 
 def build_gpt2(layers: int, width: int, heads: int, vocab: int, seq: int, dtype: torch.dtype):
     """A randomly initialised GPT-2 from a config (never downloaded), in eval mode."""
-    import transformers
+    import transformers  # optional: the hf extra
 
     transformers.utils.logging.set_verbosity_error()
     cfg = transformers.GPT2Config(
@@ -157,8 +158,6 @@ def hand_written_eigsh(model, batch, k: int, ncv: int) -> dict:
 
 
 def main() -> None:
-    from curvops.solvers.seed_api import compute_fisher_eigenvalues_lanczos
-
     a = ARGS
     if a.torch_threads:
         torch.set_num_threads(a.torch_threads)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from curvops.linops.hf import hf_objective
 from curvops.linops.per_example import per_example_gradients
 from torch import nn
 
@@ -78,8 +79,7 @@ def bench_mlp(repeats: int, n: int = 64) -> dict[str, Any]:
 
 
 def bench_gpt2(repeats: int, n: int = 64, T: int = 16) -> dict[str, Any]:
-    from curvops.adapters.hf import hf_objective
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel  # optional: the hf extra
 
     torch.manual_seed(0)
     cfg = GPT2Config(

@@ -222,7 +222,7 @@ def plain_torch(model: nn.Module, batch: tuple[Tensor, Tensor]) -> dict[str, Cal
 def curvlinops_ops(model: nn.Module, batch: tuple[Tensor, Tensor]) -> dict[str, Any] | None:
     """curvlinops' Hessian, GGN and EF operators, or ``None`` when it is not installed."""
     try:
-        import curvlinops
+        import curvlinops  # optional peer: the bench extra
     except ImportError:
         print("curvlinops is not installed (pip install curvlinops-for-pytorch): rows skipped")
         return None

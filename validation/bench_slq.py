@@ -70,7 +70,9 @@ def _grid_w1(grid: np.ndarray, density: np.ndarray, exact: np.ndarray) -> float:
 
 
 def _curvlinops_density(op, ncv, repeats, boundaries, seed, kappa=3.0, margin=0.05):
-    from curvlinops.papyan2020traces.spectrum import lanczos_approximate_spectrum
+    from curvlinops.papyan2020traces.spectrum import (  # optional peer: the bench extra
+        lanczos_approximate_spectrum,
+    )
 
     torch.manual_seed(seed)
     grid, density = lanczos_approximate_spectrum(
@@ -161,7 +163,7 @@ def main() -> None:
     args = parser.parse_args()
     steps, probes = 80, 4
     rounds, examples = (1, 16) if args.quick else (2, 128)
-    import curvlinops
+    import curvlinops  # optional peer: the bench extra
 
     report = {
         "benchmark": "bench_slq",

@@ -73,11 +73,13 @@ import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import gc  # noqa: E402
 import importlib  # noqa: E402
+import importlib.metadata  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 from collections.abc import Callable, Iterator, Sequence  # noqa: E402
@@ -87,6 +89,9 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from ..linops import GGNOperator  # noqa: E402
+from ..linops.hf import hf_objective  # noqa: E402
+from ..solvers import LanczosConfig, lanczos  # noqa: E402
 from .crosscheck import (  # noqa: E402
     DEFAULT_METHODS,
     METHODS,
@@ -94,6 +99,7 @@ from .crosscheck import (  # noqa: E402
     peak_memory,
     relative_error,
 )
+from .report import compact_markdown_table  # noqa: E402
 from .zoo import ZooProblem, build, token_data  # noqa: E402
 
 __all__ = ["LadderSpec", "main", "solver_bytes_estimate"]
@@ -374,7 +380,7 @@ def _cupy_problem(device: torch.device) -> str | None:
     if device.type != "cuda" or not torch.cuda.is_available():
         return "no CUDA device"
     try:
-        import cupy
+        import cupy  # optional: the gpu extra
 
         if not cupy.cuda.is_available():
             return "cupy sees no CUDA device"
@@ -401,12 +407,10 @@ def environment(device: torch.device) -> dict[str, Any]:
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
     }
     with contextlib.suppress(Exception):
-        from importlib.metadata import version
-
-        env["curvops"] = version("curvops")
+        env["curvops"] = importlib.metadata.version("curvops")
     if env["cupy"] is not None:
         with contextlib.suppress(Exception):
-            import cupy
+            import cupy  # optional: the gpu extra
 
             env["cupy_cuda_runtime"] = int(cupy.cuda.runtime.runtimeGetVersion())
     if device.type == "cuda":
@@ -415,8 +419,6 @@ def environment(device: torch.device) -> dict[str, Any]:
                          "capability": f"{props.major}.{props.minor}",
                          "multiprocessors": props.multi_processor_count}
         with contextlib.suppress(Exception):
-            import subprocess
-
             smi = subprocess.run(
                 ["nvidia-smi", "--query-gpu=driver_version,memory.total,power.limit",
                  "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
@@ -623,7 +625,7 @@ def _to_numpy(y: Any) -> np.ndarray:
         return y.detach().double().cpu().numpy()
     if isinstance(y, np.ndarray):
         return y.astype(np.float64)
-    import cupy  # only cupy arrays are left
+    import cupy  # optional (the gpu extra); only cupy arrays are left
 
     return cupy.asnumpy(y).astype(np.float64)
 
@@ -651,7 +653,7 @@ def section_matvec_cost(run: Run, section: dict[str, Any], end_time: float) -> N
         "matmat8": {"torch": lambda: op.matmat(X_t), "scipy": lambda: host.matmat(X_np)},
     }
     if cupy_reason is None:
-        import cupy
+        import cupy  # optional: the gpu extra
 
         view = op.to_cupy()
         x_cp, X_cp = cupy.asarray(x_np), cupy.asarray(X_np)
@@ -802,7 +804,7 @@ def _iters_in_time(seconds: float, n: int, strategy: str, dtype: torch.dtype,
 
 
 def _lm_classes(family: str) -> tuple[Any, Any]:
-    import transformers
+    import transformers  # optional: the hf extra
 
     transformers.utils.logging.set_verbosity_error()
     return {
@@ -849,9 +851,6 @@ def build_lm(spec: LadderSpec, device: torch.device, seed: int) -> torch.nn.Modu
 def _make_operator(model: torch.nn.Module, data: list[Any]) -> tuple[Any, str]:
     """``GGNOperator`` with the HF objective; if the two-pass determinism check fails on this
     device, again without it (and say so: it is a finding, not a reason to lose the case)."""
-    from curvops.adapters.hf import hf_objective
-    from curvops.linops import GGNOperator
-
     try:
         return GGNOperator(model, hf_objective(model, normalization="token"), data), ""
     except ValueError as err:
@@ -888,8 +887,6 @@ def _lanczos_case(run: Run, spec: LadderSpec, model_rec: dict[str, Any], op: Any
                   dtype: torch.dtype, strategy: str, product: dict[str, Any],
                   allot_s: float) -> None:
     """One Lanczos run with the memory and time checks; appends its record."""
-    from curvops.solvers import LanczosConfig, lanczos
-
     s = run.settings
     n = int(op.shape[0])
     case: dict[str, Any] = {"model": spec.name, "dtype": _dname(dtype), "strategy": strategy,
@@ -1148,8 +1145,6 @@ def _count_text(count: int | None) -> str:
 
 def summary_markdown(data: dict[str, Any]) -> str:
     """Compact Markdown tables of every section (what the run printed at the end)."""
-    from .report import compact_markdown_table
-
     env = data.get("environment", {})
     lines = [f"## curvops GPU run: {env.get('device', {}).get('name')} "
              f"(torch {env.get('torch')}, CUDA {env.get('cuda_torch_built_with')}, "

@@ -13,14 +13,14 @@ cupy arrays in and out, on the operator's GPU; no vector ever visits the host.
   so torch's caching allocator does not hand it out again while the caller still
   reads it. On the default setup (both libraries on the legacy default stream) there
   is nothing to synchronise.
-* **Dtypes.** float32 or float64 views (:func:`~curvops.adapters.array_view.view_dtype`);
+* **Dtypes.** float32 or float64 views (:func:`~curvops.linops.array_view.view_dtype`);
   a bf16/fp16 operator is viewed in float32 and the conversion happens on the device
   (cupy float32 -> torch float32 -> bf16, product, -> float32 -> cupy). The dtype is
   passed to cupy explicitly, so cupy never probes it with a trial product.
 * **Devices.** The operator must live on a CUDA device; inputs must be cupy arrays on
   that same device (a numpy array is refused rather than silently copied to the GPU).
 
-The product logic itself is :func:`~curvops.adapters.array_view.apply_operator`, the
+The product logic itself is :func:`~curvops.linops.array_view.apply_operator`, the
 same code the scipy view runs with numpy.
 """
 
@@ -52,7 +52,7 @@ def import_cupy() -> tuple[Any, Any]:
         ImportError: Without cupy, naming the ``gpu`` extra.
     """
     try:
-        import cupy
+        import cupy  # optional: the gpu extra
         import cupyx.scipy.sparse.linalg as cupy_linalg
     except ImportError as err:
         raise ImportError(f"the cupy view needs cupy ({err}); {_INSTALL_HINT}") from err
@@ -150,8 +150,8 @@ def _cupy_view_class(base: type) -> type:
         Args:
             op: A curvops operator on a CUDA device.
             dtype: ``float32`` or ``float64`` (see
-                :func:`~curvops.adapters.array_view.view_dtype`).
-            namespace: The cupy :class:`~curvops.adapters.array_view.ArrayNamespace`.
+                :func:`~curvops.linops.array_view.view_dtype`).
+            namespace: The cupy :class:`~curvops.linops.array_view.ArrayNamespace`.
         """
 
         def __init__(self, op: Any, dtype: Any, namespace: ArrayNamespace) -> None:

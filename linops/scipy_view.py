@@ -3,7 +3,7 @@
 numpy arrays in and out; each product converts the block of vectors once (one
 batched ``matmat``, never a loop over columns). float32 and float64 views only:
 bf16/fp16 operators are viewed in float32, the one documented conversion. The
-product logic lives in :mod:`curvops.adapters.array_view`, shared with the cupy view;
+product logic lives in :mod:`curvops.linops.array_view`, shared with the cupy view;
 only the namespace (numpy, ``torch.from_numpy``/``Tensor.numpy``) is specific here.
 """
 

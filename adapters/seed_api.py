@@ -14,7 +14,7 @@ What differs from the seed (and why):
 * The operator is the curvature of the loss over *all* the data, with the
   normalisation recorded (``normalization``, ``sample_unit``). Language models
   (transformers models with dict batches) use
-  :class:`curvops.adapters.hf.LanguageModelObjective`: per-sequence loss = sum of its
+  :class:`curvops.linops.hf.LanguageModelObjective`: per-sequence loss = sum of its
   target tokens' cross-entropies, normalised by the number of target tokens.
 * Batches too large for memory are split into micro-batches that are accumulated
   (``batch_size_used`` is the micro-batch size); the seed's "reduce the batch size"
@@ -53,9 +53,11 @@ from ..linops import (
 )
 from ..linops.checks import as_integer, as_real
 from ..linops.data import DataSource
+from ..linops.hf import hf_objective, is_hf_model
+from ..linops.memory import plan_micro_batches
 from ..linops.objective import Objective, as_objective
-from .lanczos import LanczosConfig, LanczosResult, lanczos
-from .metrics import spectrum_metrics
+from ..solvers.lanczos import LanczosConfig, LanczosResult, lanczos
+from ..solvers.metrics import spectrum_metrics
 
 __all__ = [
     "compute_fisher_eigenvalues_lanczos",
@@ -188,8 +190,6 @@ def _objective(model: nn.Module, data: Any, opts: dict[str, Any]) -> Objective:
                 "reduction ('mean' or 'sum')"
             )
         return as_objective(loss_fn)
-    from curvops.adapters.hf import hf_objective, is_hf_model
-
     if is_hf_model(model):
         return hf_objective(model, opts["normalization"])
     kind = "dict batches" if _is_dict_data(data) else "(inputs, targets) batches"
@@ -293,8 +293,6 @@ def _spectrum(
     mbs = opts["micro_batch_size"]
     plan = None
     if mbs == "auto":
-        from curvops.adapters.memory import plan_micro_batches
-
         plan = plan_micro_batches(
             op_cls, model, objective, data, opts["params"],
             memory_budget_bytes=opts["memory_budget_bytes"], operator_kwargs=op_kwargs,

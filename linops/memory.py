@@ -32,9 +32,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..linops.cache import available_memory_bytes
-from ..linops.data import DataSource
-from ..linops.objective import Objective, as_objective
+from .cache import available_memory_bytes
+from .data import DataSource
+from .objective import Objective, as_objective
 
 __all__ = ["MicroBatchPlan", "plan_micro_batches", "saved_tensor_bytes"]
 

@@ -53,10 +53,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..linops.checks import as_integer
-from ..linops.losses import LossKind
-from ..linops.objective import Count, Objective, Rows, call_with_inputs
+from .checks import as_integer
+from .losses import LossKind
+from .objective import Count, Objective, Rows, call_with_inputs
 
 __all__ = [
     "LanguageModelObjective",
@@ -76,10 +77,10 @@ _DIFFERENTIABLE_ATTENTION = ("eager", "sdpa")
 
 def _require_transformers() -> Any:
     try:
-        import transformers
+        import transformers  # optional: the hf extra
     except ImportError as err:  # pragma: no cover - transformers is installed in the test env
         raise ImportError(
-            "curvops.adapters.hf needs transformers: pip install 'curvops[hf]'"
+            "curvops.linops.hf needs transformers: pip install 'curvops[hf]'"
         ) from err
     return transformers
 
@@ -123,8 +124,6 @@ def attention_product_context(model: nn.Module) -> Iterator[None]:
     flash-attention kernels) are switched to ``"sdpa"`` for the duration and restored on
     exit. Parameters are untouched.
     """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     switched: list[tuple[Any, Any]] = []
     try:
         for cfg in _configs(model):

@@ -19,7 +19,7 @@ found before any work; 3 runtime error (an input curvops refuses, a user factory
 raises, any other error during the run); 130 interrupted. Errors print one line;
 ``--debug`` adds the traceback.
 
-Also runnable as ``python -m curvops.adapters.cli``.
+Also runnable as ``python -m curvops``.
 """
 
 from __future__ import annotations
@@ -33,6 +33,18 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import torch
+
+from .adapters import seed_api
+from .linops.hf import hf_objective, model_limits
+from .solvers.slq import spectral_density
+from .solvers.trace import hutchinson_trace
+from .validation import bench
+from .validation.ladder import FULL_LADDER, QUICK_LADDER, run_ladder, select_rungs
+from .validation.report import format_row, prepare_output_folder, write_report
+from .validation.zoo import ZOO, build, make_operator, token_data
 
 __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_RUNTIME", "EXIT_USAGE", "main"]
 
@@ -138,9 +150,6 @@ def _parser() -> argparse.ArgumentParser:
 
 # --- validate -------------------------------------------------------------------------------
 def _validate(args: argparse.Namespace) -> int:
-    from curvops.validation.ladder import FULL_LADDER, QUICK_LADDER, run_ladder, select_rungs
-    from curvops.validation.report import format_row, prepare_output_folder, write_report
-
     try:
         rungs = select_rungs(QUICK_LADDER if args.quick else FULL_LADDER, args.models,
                              args.operators)
@@ -156,7 +165,7 @@ def _validate(args: argparse.Namespace) -> int:
     write = print
     if not args.no_progress:
         try:
-            from tqdm.auto import tqdm
+            from tqdm.auto import tqdm  # optional: the progress extra
 
             write = tqdm.write
         except ImportError:
@@ -214,12 +223,8 @@ def _hf_problem(model: Any, args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """A transformers model with synthetic right-padded token batches (HF dicts).
 
     The loss is left to the seed API (``None``): for a transformers model it is
-    :func:`curvops.adapters.hf.hf_objective`, token-normalised.
+    :func:`curvops.linops.hf.hf_objective`, token-normalised.
     """
-    import torch
-    from curvops.adapters.hf import model_limits
-    from curvops.validation.zoo import token_data
-
     sequences = args.sequences or _HF_SEQUENCES
     seq_len = args.seq_len or _HF_SEQ_LEN
     vocab, positions, _ = model_limits(model)
@@ -238,9 +243,6 @@ def _hf_problem(model: Any, args: argparse.Namespace) -> tuple[Any, Any, Any]:
 
 
 def _resolve_model(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
-    import torch
-    from curvops.validation.zoo import ZOO, build
-
     spec = args.model
     if spec in ZOO:
         _refuse_options(args, ("--sequences", "--seq-len"),
@@ -250,7 +252,7 @@ def _resolve_model(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
         return p.model, p.loss_fn, p.data, f"zoo:{spec}"
     if Path(spec).is_dir():
         try:
-            import transformers
+            import transformers  # optional: the hf extra
         except ImportError as err:
             raise ImportError("loading a HuggingFace directory needs transformers: "
                               "pip install 'curvops[hf]'") from err
@@ -282,9 +284,6 @@ def _resolve_model(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
 
 def _clean(x: Any) -> Any:
     """JSON-ready: numpy and torch scalars to Python, inf/nan to strings."""
-    import numpy as np
-    import torch
-
     if isinstance(x, dict):
         return {str(k): _clean(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
@@ -305,8 +304,6 @@ def _clean(x: Any) -> Any:
 
 
 def _spectrum(args: argparse.Namespace) -> int:
-    from curvops.solvers import seed_api
-
     if (args.model is None) == (args.model_option is None):
         raise UsageError("give the model once: `curvops spectrum MODEL` or "
                          "`curvops spectrum --model MODEL`")
@@ -328,15 +325,11 @@ def _spectrum(args: argparse.Namespace) -> int:
     if args.density or args.trace:
         op = _operator_for(args.operator, model, loss_fn, data)
         if args.density:
-            from curvops.solvers.slq import spectral_density
-
             dens = spectral_density(op, num_probes=4, lanczos_steps=min(40, op.shape[0] - 1),
                                     seed=args.seed, num_points=100)
             result["density"] = {"grid": dens.grid, "density": dens.density,
                                  "sigma": dens.sigma, "matvecs": dens.quadrature.matvecs}
         if args.trace:
-            from curvops.solvers.trace import hutchinson_trace
-
             est = hutchinson_trace(op, num_probes=32, seed=args.seed)
             result["trace"] = {"value": est.value, "standard_error": est.standard_error,
                                "matvecs": est.matvecs, "method": est.method}
@@ -345,19 +338,13 @@ def _spectrum(args: argparse.Namespace) -> int:
 
 
 def _operator_for(name: str, model: Any, loss_fn: Any, data: Any) -> Any:
-    from curvops.validation.zoo import make_operator
-
     if loss_fn is None:  # a transformers model: the HF objective
-        from curvops.adapters.hf import hf_objective
-
         loss_fn = hf_objective(model)
     return make_operator(name, model, loss_fn, data)
 
 
 # --- bench ----------------------------------------------------------------------------------
 def _bench(args: argparse.Namespace) -> int:
-    from curvops.validation import bench
-
     argv = (["--quick"] if args.quick else []) + (["--parts", *args.parts] if args.parts
                                                    else [])
     if args.out:

@@ -48,20 +48,22 @@ from typing import Any
 
 import numpy as np
 import torch
-from curvops.linops.checks import check_finite_parameters, check_no_train_mode_batchnorm
-from curvops.linops.data import DataSource
-from curvops.linops.gram import GramOperator
-from curvops.linops.objective import Count, Objective, as_objective
-from curvops.linops.params import ParameterSpace, select_parameters
-from curvops.linops.per_example import (
+from torch import Tensor, nn
+
+from ..linops.checks import check_finite_parameters, check_no_train_mode_batchnorm
+from ..linops.data import DataSource
+from ..linops.gram import GramOperator
+from ..linops.hf import hf_objective, is_hf_model
+from ..linops.objective import Count, Objective, as_objective
+from ..linops.params import ParameterSpace, select_parameters
+from ..linops.per_example import (
     METHODS,
     check_deterministic_losses,
     per_example_gradient_chunks,
 )
-from torch import Tensor, nn
-
-from .blocks import BLOCK_STRUCTURES, assign_blocks, layer_index
-from .metrics import spectrum_metrics
+from ..solvers.blocks import BLOCK_STRUCTURES, assign_blocks, layer_index
+from ..solvers.lanczos import LanczosConfig, lanczos
+from ..solvers.metrics import spectrum_metrics
 
 __all__ = ["FisherSpectral", "SpectralConfig", "stable_int_hash"]
 
@@ -216,12 +218,6 @@ def _flat_ranges(space: ParameterSpace) -> dict[str, Tensor]:
 def _objective_for(model: nn.Module, loss_fn: Any) -> Objective:
     if loss_fn is not None:
         return as_objective(loss_fn)
-    try:
-        from curvops.adapters.hf import hf_objective, is_hf_model
-    except ImportError as err:  # pragma: no cover - the hf adapter ships with curvops
-        raise ImportError(
-            "loss_fn=None needs the HuggingFace adapter: pip install 'curvops[hf]'"
-        ) from err
     if not is_hf_model(model):
         raise TypeError(
             f"loss_fn is required for a {type(model).__name__} (only transformers models have a "
@@ -270,7 +266,7 @@ class FisherSpectral:
                 a mapping ``name -> (N, *shape)`` tensor, or a sequence of per-example
                 mappings ``name -> tensor``.
             loss_fn: Torch loss module or curvops :class:`Objective`; ``None`` for a
-                transformers model means its :func:`~curvops.adapters.hf.hf_objective`.
+                transformers model means its :func:`~curvops.linops.hf.hf_objective`.
 
         Returns:
             ``eigenvalues`` (float64 numpy, descending), ``per_block`` (name -> eigenvalues,
@@ -488,7 +484,7 @@ class FisherSpectral:
         info["k_used"] = k
         solver = cfg.eigensolver
         if solver == "auto":
-            solver = "dense" if N <= cfg.dense_max_examples else _iterative_solver()
+            solver = "dense" if N <= cfg.dense_max_examples else "lanczos"
         info["eigensolver"] = solver
         info["jitter"] = 0.0
         if k < 1:
@@ -507,8 +503,6 @@ class FisherSpectral:
         return values, info
 
     def _lanczos(self, Gb: Tensor, center: bool, k: int) -> tuple[np.ndarray, bool]:
-        from .lanczos import LanczosConfig, lanczos
-
         op = GramOperator.from_gradients(Gb, center=center)
         res = lanczos(
             op,
@@ -668,15 +662,6 @@ class FisherSpectral:
 
 
 # --- eigensolvers of one block -----------------------------------------------------------------
-def _iterative_solver() -> str:
-    """Lanczos when the in-house solver is importable, else the randomized SVD."""
-    try:
-        from . import lanczos  # noqa: F401
-    except ImportError:  # pragma: no cover - lanczos ships with curvops
-        return "randomized_svd"
-    return "lanczos"
-
-
 def _dense_gram_eigenvalues(
     Gb: Tensor, center: bool, regularization: float
 ) -> tuple[np.ndarray, float]:
