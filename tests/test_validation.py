@@ -57,8 +57,8 @@ def test_token_data_pads_with_mask_and_ignored_labels():
 @pytest.mark.parametrize("name", ["gpt2-tiny", "bert-cls"])
 def test_hf_zoo_models_take_the_users_path(name):
     """Default attention, no wrapper, the HF objective; its loss is HF's own loss."""
-    from curvops.adapters.hf import LanguageModelObjective
     from curvops.linops import GGNOperator
+    from curvops.linops.hf import LanguageModelObjective
 
     p = zoo.build(name, torch.float64)
     assert type(p.model).__module__.startswith("transformers")
@@ -194,8 +194,8 @@ def _check_report(out, run):
     assert len(data["rows"]) == len(run.rows) > 0
     for row in data["rows"]:
         assert set(report.ROW_KEYS) <= set(row)
-        assert row["status"] in ("pass", "caught", "uncaught", "skipped", "fail", "error",
-                                 "unchecked")
+        assert row["status"] in ("pass", "unconverged", "caught", "uncaught", "skipped",
+                                 "fail", "error", "unchecked")
         if row["status"] in ("pass", "caught"):
             assert isinstance(row["rel_error"], float) and isinstance(row["matvecs"], int)
             assert isinstance(row["seconds"], float) and row["passed"] is True
@@ -246,6 +246,109 @@ def test_quick_ladder_end_to_end(tmp_path):
     assert run.passed, [r for r in run.rows if r["status"] in ("fail", "error")]
     data, _ = _check_report(tmp_path, run) if report.write_report(run, tmp_path, quick=True) \
         else None
-    ops = {(r["model"], r["operator"]) for r in data["rows"] if r["dtype"] == "float64"}
+    ops = {(r["model"], r["operator"]) for r in data["rows"] if r["rung"] == "fp64-dense"}
     assert ops == {(m, o) for m in ("mlp", "cnn") for o in ("hessian", "ggn", "ef")}
+    assert {r["rung"] for r in data["rows"]} >= {"noisy", "fp64-inexact"}
     assert any(r["dtype"] == "bfloat16" and r["status"] == "pass" for r in data["rows"])
+
+
+# --- the accuracy-contract rungs --------------------------------------------------------------
+def test_noisy_operator_carries_the_stated_relative_noise():
+    problem = zoo.build_problem("noisy-spectrum", torch.float64)
+    op = problem.operator("noise-1e-05")
+    v = torch.randn(op.shape[0], 3, generator=torch.Generator().manual_seed(0),
+                    dtype=torch.float64)
+    exact = problem.matrix @ v
+    err = torch.linalg.vector_norm(op.matmat(v) - exact, dim=0) / torch.linalg.vector_norm(
+        exact, dim=0)
+    assert torch.all((err > 0.8e-5) & (err < 1.2e-5))
+    assert not torch.equal(op.matvec(v[:, 0]), op.matvec(v[:, 0]))  # fresh noise each time
+    np.testing.assert_allclose(problem.eigenvalues[:10], np.linspace(1.0, 0.5, 10))
+    with pytest.raises(ValueError, match="unknown operator"):
+        problem.operator("ggn")
+    with pytest.raises(ValueError, match="unknown zoo model"):
+        zoo.build_problem("nope", torch.float64)
+
+
+def test_float32_layernorm_makes_a_float64_model_float32_accurate():
+    inexact = zoo.build("mlp-fp32-norm")
+    exact = zoo.build("mlp-fp32-norm")
+    exact.model[1].forward = lambda x, norm=exact.model[1].norm: norm(x)  # float64 norm
+    v = torch.randn(inexact.num_params, generator=torch.Generator().manual_seed(0),
+                    dtype=torch.float64)
+    a, b = inexact.operator("ggn") @ v, exact.operator("ggn") @ v
+    rel = float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
+    assert 1e-10 < rel < 1e-5  # float32 round-off, not float64's
+
+
+def test_wrong_and_converged_counts_only_flagged_wrong_values():
+    ref = np.array([1.0, 0.9, 0.8])
+    ghost = np.array([1.0, 1.0, 0.9])
+    assert cc.wrong_and_converged(ref.copy(), None, ref, 3, 1e-6) == 0
+    assert cc.wrong_and_converged(ghost, np.array([True, False, False]), ref, 3, 1e-6) == 0
+    assert cc.wrong_and_converged(ghost, np.array([True, True, False]), ref, 3, 1e-6) == 1
+    assert cc.wrong_and_converged(ghost, None, ref, 3, 1e-6) == 2
+    # a missed value moves the next one into its rank: flagged converged, it is wrong there
+    assert cc.wrong_and_converged(np.array([1.0, 0.8]), np.array([True, True]), ref, 3,
+                                  1e-6) == 1
+    assert cc.wrong_and_converged(ghost, np.array([True, True, True]), ref, 3, 0.2) == 0
+
+
+def test_contract_verdicts_accept_honest_rows_only(mlp_problem):
+    op = mlp_problem.operator("ggn")
+    exact = _dense_top(op, 3)
+    ghost = np.array([exact[0], exact[0] * (1 - 1e-9), exact[1]])
+
+    def runner(name, flags, control=False):
+        return cc.MethodRunner(
+            name, "", {"float64": 1e-8}, lambda c: None,
+            lambda ctx: cc.MethodOutcome(ghost, converged=np.array(flags)),
+            expected_to_fail=control)
+
+    methods = ("dense", runner("honest", [True, False, False]),
+               runner("liar", [True, True, False]),
+               runner("control-liar", [True, True, True], control=True),
+               runner("control-honest", [True, False, False], control=True))
+    res = cc.cross_check(op, 3, methods=methods, accept_unconverged=True, tolerance=1e-6)
+    rows = {r["method"]: r for r in res.rows}
+    assert rows["honest"]["status"] == "unconverged" and rows["honest"]["passed"] is True
+    assert rows["honest"]["converged"] == 1 and rows["honest"]["tolerance"] == 1e-6
+    assert rows["liar"]["status"] == "fail" and not res.passed
+    assert rows["control-liar"]["status"] == "caught"
+    assert rows["control-honest"]["status"] == "uncaught"
+    plain = cc.cross_check(op, 3, methods=methods[:2])  # without the contract: a failure
+    assert plain.rows[1]["status"] == "fail"
+
+
+def _contract_rows(rung_name, models=None, operators=None):
+    rungs = [r for r in ladder.QUICK_LADDER if r.name == rung_name]
+    rungs = ladder.select_rungs(rungs, models, operators)
+    run = ladder.run_ladder(rungs, progress=False)
+    return run, {(r["model"], r["operator"], r["method"]): r for r in run.rows}
+
+
+def test_noisy_rung_is_right_or_flagged_and_catches_the_unguarded_control():
+    run, rows = _contract_rows("noisy")
+    assert run.passed, [r for r in run.rows if r["status"] in ("fail", "error")]
+    for delta in zoo.NOISE_LEVELS:
+        name = zoo.noise_operator_name(delta)
+        for strategy in ("full", "selective", "partial", "none"):
+            row = rows[("noisy-spectrum", name, f"lanczos-{strategy}")]
+            assert row["tolerance"] == pytest.approx(ladder.CONTRACT_FACTOR * delta)
+            assert row["status"] in ("pass", "unconverged"), row
+            if delta < 1e-3:  # moderate noise: every strategy converges, within the contract
+                assert row["status"] == "pass" and row["converged"] == 5, row
+    caught = rows[("noisy-spectrum", "noise-1e-03", "lanczos-unguarded")]
+    assert caught["status"] == "caught" and caught["rel_error"] > 0.1
+
+
+@pytest.mark.hf
+def test_fp64_inexact_rung_on_llama_and_fp32_norm_mlp():
+    pytest.importorskip("transformers")
+    run, rows = _contract_rows("fp64-inexact")
+    assert run.passed, [r for r in run.rows if r["status"] in ("fail", "error")]
+    for model in ("mlp-fp32-norm", "llama-tiny"):
+        assert rows[(model, "ggn", "dense")]["status"] == "pass"
+        for strategy in ("full", "selective", "partial", "none"):
+            row = rows[(model, "ggn", f"lanczos-{strategy}")]
+            assert row["status"] == "pass" and row["rel_error"] < 6e-7, row

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .crosscheck import METHODS, MethodRunner
+from .crosscheck import BROKEN_METHOD, METHODS, UNGUARDED_METHOD, MethodRunner
 from .ladder import CheckRecord, LadderRun
 
 __all__ = ["ROW_KEYS", "compact_markdown_table", "format_row", "markdown_table",
@@ -44,7 +44,7 @@ SCHEMA = "curvops.validation/1"
 ROW_KEYS = (
     "rung", "model", "operator", "method", "dtype", "n", "k", "eigenvalues", "reference",
     "rel_error", "tolerance", "residual_max", "ghosts_removed", "iterations", "matvecs",
-    "seconds", "peak_mb", "passed", "status", "note",
+    "seconds", "peak_mb", "converged", "passed", "status", "note",
 )
 _TABLE_COLUMNS = ("model", "operator", "method", "dtype", "n", "k", "λ₁", "rel. error", "tol",
                   "residual", "ghosts", "matvecs", "seconds", "peak MB", "status")
@@ -187,11 +187,11 @@ def _remove_previous_report(out: Path) -> None:
 # --- figures --------------------------------------------------------------------------------
 def _pyplot() -> Any:
     try:
-        import matplotlib
+        import matplotlib  # optional: the plot extra
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError("figures need matplotlib: pip install 'curvops[plot]'") from err
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional: the plot extra
 
     return plt
 
@@ -347,12 +347,12 @@ def write_report(run: LadderRun, out_dir: str | Path, *, quick: bool = False,
         {"schema": SCHEMA, "meta": _meta(run, quick), "rows": rows}), indent=1))
     fig_paths = write_figures(run, out) if figures else []
 
-    from .crosscheck import BROKEN_METHOD
-
     used = {row["method"] for row in rows}
-    runners = [m for m in [*METHODS.values(), BROKEN_METHOD] if m.name in used]
+    runners = [m for m in [*METHODS.values(), BROKEN_METHOD, UNGUARDED_METHOD]
+               if m.name in used]
     counts = {s: sum(r["status"] == s for r in rows)
-              for s in ("pass", "caught", "uncaught", "fail", "error", "skipped", "unchecked")}
+              for s in ("pass", "unconverged", "caught", "uncaught", "fail", "error",
+                        "skipped", "unchecked")}
     md = [
         "# curvops validation report",
         "",
@@ -369,6 +369,11 @@ def write_report(run: LadderRun, out_dir: str | Path, *, quick: bool = False,
         "reorthogonalization and without the Cullum–Willoughby filter) that the check "
         "rejected, as it must; `uncaught`: it happened to be right because no ghost formed "
         "(e.g. a low-rank operator on which Lanczos ends before orthogonality is lost). "
+        "On the accuracy-contract rungs (`noisy`, `fp64-inexact`: operators less exact "
+        "than their dtype) the tolerance is 5 δ for products of relative accuracy δ, and "
+        "`unconverged` is an honest row: every value outside the tolerance is flagged not "
+        "converged by the solver; a wrong value flagged converged fails the row, and the "
+        "unguarded control (`lanczos-unguarded`) is `caught` when it returns one. "
         "`residual` is ‖Ay − θy‖ (for `lanczos-none`: the bound "
         "β|eₘᵀs|). `peak MB` is the peak resident memory added on the CPU (a lower bound, "
         "sampled every 5 ms) or the CUDA peak.",

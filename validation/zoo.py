@@ -6,6 +6,12 @@ state), and every data set is drawn from an explicit ``torch.Generator``:
 
 * supervised models (``mlp``, ``cnn``) get classification data ``(inputs, class)``,
   the classes from a fixed random teacher so the loss is not flat;
+* ``mlp-fp32-norm`` is the MLP with a LayerNorm that computes in float32 whatever the
+  model's dtype (as LLaMA's RMSNorm does): a float64 model whose products are only
+  float32-accurate;
+* ``noisy-spectrum`` is no network: a symmetric matrix with a known spectrum whose
+  products carry fresh relative noise ``delta`` (operators ``noise-1e-07``,
+  ``noise-1e-05``, ``noise-1e-03``), the model of an operator less exact than its dtype;
 * HuggingFace models (``gpt2-*``, ``llama-tiny``, ``bert-cls``) get dict batches of
   token sequences of varying length, right-padded: ``input_ids``, ``attention_mask`` and
   ``labels`` (``-100`` on the padding; one class per sequence for ``bert-cls``).
@@ -14,7 +20,7 @@ The HuggingFace models take the path users take: built from a config with the de
 attention implementation (``sdpa``; every curvops product selects a kernel that supports
 double backward and forward-mode AD by itself), used as they are (no wrapper), with
 ``loss_fn = hf_objective(model, normalization="token")``
-(:mod:`curvops.adapters.hf`): :math:`L = \frac{1}{\#\text{target tokens}} \sum_n
+(:mod:`curvops.linops.hf`): :math:`L = \frac{1}{\#\text{target tokens}} \sum_n
 \ell_n`, one example = one sequence, the causal shift applied by the objective.
 """
 
@@ -25,16 +31,30 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from curvops.linops import (
+    EmpiricalFisherOperator,
+    FisherOperator,
+    GGNOperator,
+    HessianOperator,
+)
+from curvops.linops.hf import hf_objective
 from torch import Tensor, nn
 
 IGNORE_INDEX = -100  # the label HuggingFace and torch's cross-entropy ignore
 
 __all__ = [
+    "NOISE_LEVELS",
     "ZOO",
+    "SYNTHETIC",
+    "NoisyOperator",
+    "SpectrumProblem",
     "ZooEntry",
     "ZooProblem",
     "build",
+    "build_problem",
     "classification_data",
     "token_data",
     "zoo_names",
@@ -152,6 +172,97 @@ class _SmallCNN(nn.Module):
         return self.fc(self.pool(torch.tanh(self.conv(x))).flatten(1))
 
 
+class _Float32LayerNorm(nn.Module):
+    """LayerNorm computed in float32 whatever the input's dtype, cast back (LLaMA's RMSNorm
+    does the same): inside a float64 model it makes every product float32-accurate."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``layer_norm(x)`` evaluated in float32, returned in ``x.dtype``."""
+        w, b = self.norm.weight.float(), self.norm.bias.float()
+        return F.layer_norm(x.float(), self.norm.normalized_shape, w, b).to(x.dtype)
+
+
+class NoisyOperator:
+    r"""A symmetric matrix whose products carry fresh relative noise.
+
+    :math:`\tilde A v = A v + \delta \|A v\| g / \sqrt{n}` with a new standard normal
+    :math:`g` per product (per column of a block), drawn from a seeded generator: the
+    model of a product accurate to :math:`\delta` relative, and not repeatable.
+
+    Attributes:
+        matrix: The exact matrix (float64).
+        relative_accuracy: :math:`\delta`.
+        name: ``noise-<delta>``.
+    """
+
+    def __init__(self, matrix: Tensor, delta: float, seed: int) -> None:
+        self.matrix = matrix
+        self.relative_accuracy = float(delta)
+        self.name = noise_operator_name(delta)
+        self.shape = tuple(matrix.shape)
+        self.dtype = matrix.dtype
+        self.device = matrix.device
+        self._gen = torch.Generator().manual_seed(seed)
+
+    def matmat(self, V: Tensor) -> Tensor:
+        """``A V`` plus the noise, column by column."""
+        Y = self.matrix @ V
+        G = torch.randn(Y.shape, generator=self._gen, dtype=Y.dtype)
+        scale = self.relative_accuracy * torch.linalg.vector_norm(Y, dim=0) / Y.shape[0] ** 0.5
+        return Y + G * scale
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """``A v`` plus the noise."""
+        return self.matmat(v.reshape(-1, 1)).reshape(-1)
+
+
+NOISE_LEVELS = (1e-7, 1e-5, 1e-3)
+
+
+def noise_operator_name(delta: float) -> str:
+    """The operator name of noise level ``delta`` (``noise-1e-05``)."""
+    return f"noise-{delta:.0e}"
+
+
+@dataclass
+class SpectrumProblem:
+    """A symmetric matrix with a known spectrum, offered with noisy products.
+
+    Attributes:
+        name: Zoo name.
+        matrix: The exact matrix (float64).
+        eigenvalues: Its spectrum, descending (the reference).
+        dtype: float64.
+        num_params: The size n.
+        kind: ``"synthetic"``.
+        seed: Seed of the product noise.
+    """
+
+    name: str
+    matrix: Tensor
+    eigenvalues: np.ndarray
+    dtype: torch.dtype
+    num_params: int
+    kind: str
+    seed: int
+
+    def operator(self, operator: str) -> NoisyOperator:
+        """The matrix with products of the noise level ``operator`` names (``noise-1e-05``).
+
+        Raises:
+            ValueError: For a name that is not ``noise-<delta>`` of :data:`NOISE_LEVELS`.
+        """
+        for delta in NOISE_LEVELS:
+            if operator == noise_operator_name(delta):
+                return NoisyOperator(self.matrix, delta, self.seed)
+        names = ", ".join(noise_operator_name(d) for d in NOISE_LEVELS)
+        raise ValueError(f"unknown operator {operator!r} of {self.name}; choose from {names}")
+
+
 # --- the zoo --------------------------------------------------------------------------------
 @dataclass
 class ZooProblem:
@@ -193,7 +304,8 @@ class ZooEntry:
         name: Its name on the command line.
         description: One line for reports.
         approx_params: Parameter count (exact for the fixed configs; printed in listings).
-        factory: ``factory(dtype, seed) -> ZooProblem``.
+        factory: ``factory(dtype, seed) -> ZooProblem`` (a :class:`SpectrumProblem` for
+            the synthetic entry).
         needs_hf: Whether it needs ``transformers`` (the ``hf`` extra).
         dense_ok: Whether its dense matrix is small enough to be the reference.
     """
@@ -229,9 +341,33 @@ def _build_cnn(dtype: torch.dtype, seed: int) -> ZooProblem:
                       "classification")
 
 
+def _build_mlp_fp32_norm(dtype: torch.dtype, seed: int) -> ZooProblem:
+    with seeded(seed):
+        model = nn.Sequential(nn.Linear(6, 10), _Float32LayerNorm(10), nn.Tanh(),
+                              nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 3))
+    model = model.to(dtype).eval()
+    data = classification_data(32, (6,), 3, batch_size=16, dtype=dtype, seed=seed + 1)
+    return ZooProblem("mlp-fp32-norm", model, nn.CrossEntropyLoss(), data, dtype,
+                      _count(model), "classification")
+
+
+def _build_noisy_spectrum(dtype: torch.dtype, seed: int) -> SpectrumProblem:
+    # Ten well separated top values above a decaying bulk: n = 2000, ||A|| = 1.
+    if dtype != torch.float64:
+        raise ValueError("noisy-spectrum is a float64 matrix (its noise is the inexactness)")
+    n = 2000
+    rng = np.random.default_rng(seed)
+    lam = np.concatenate([np.linspace(1.0, 0.5, 10), 0.4 * rng.uniform(size=n - 10) ** 3])
+    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    matrix = torch.from_numpy((Q * lam) @ Q.T)
+    matrix = (matrix + matrix.T) / 2
+    return SpectrumProblem("noisy-spectrum", matrix, np.sort(lam)[::-1].copy(), dtype, n,
+                           "synthetic", seed + 1)
+
+
 def _require_transformers() -> Any:
     try:
-        import transformers
+        import transformers  # optional: the hf extra
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError(
             "this zoo model needs transformers: pip install 'curvops[hf]'"
@@ -242,8 +378,6 @@ def _require_transformers() -> Any:
 def _hf_problem(name: str, model: nn.Module, data: list[Any], dtype: torch.dtype,
                 kind: str) -> ZooProblem:
     """A transformers model as users hold it, with the project's HF objective as its loss."""
-    from curvops.adapters.hf import hf_objective
-
     model = model.to(dtype).eval()
     return ZooProblem(name, model, hf_objective(model, normalization="token"), data, dtype,
                       _count(model), kind)
@@ -306,6 +440,8 @@ ZOO: dict[str, ZooEntry] = {
     for e in [
         ZooEntry("mlp", "MLP 6-10-8-3 (tanh), 32 examples, cross-entropy", 185, _build_mlp,
                  dense_ok=True),
+        ZooEntry("mlp-fp32-norm", "MLP 6-10-8-3 with a float32 LayerNorm (float32-accurate "
+                 "products in a float64 model)", 205, _build_mlp_fp32_norm, dense_ok=True),
         ZooEntry("cnn", "CNN conv3x3(1→3)-tanh-pool-linear, 24 images 6x6, 4 classes", 82,
                  _build_cnn, dense_ok=True),
         ZooEntry("gpt2-tiny", "GPT-2 1 layer, d=8, vocab 16, 6 padded sequences of 8",
@@ -337,6 +473,24 @@ ZOO: dict[str, ZooEntry] = {
 }
 
 
+# Problems that are no network: the ladder cross-checks them, the command line's
+# ``spectrum`` (which needs a model) does not offer them.
+SYNTHETIC: dict[str, Callable[[torch.dtype, int], SpectrumProblem]] = {
+    "noisy-spectrum": _build_noisy_spectrum,
+}
+
+
+def build_problem(name: str, dtype: torch.dtype, seed: int = 0) -> ZooProblem | SpectrumProblem:
+    """A zoo model (:func:`build`) or a synthetic problem of :data:`SYNTHETIC` by name.
+
+    Raises:
+        ValueError: For a name in neither.
+    """
+    if name in SYNTHETIC:
+        return SYNTHETIC[name](dtype, seed)
+    return build(name, dtype, seed)
+
+
 def zoo_names() -> list[str]:
     """Names of the zoo's models, smallest first."""
     return list(ZOO)
@@ -366,13 +520,6 @@ def make_operator(name: str, model: nn.Module, loss_fn: Any, data: Any, **kwargs
     Raises:
         ValueError: For an unknown name.
     """
-    from curvops.linops import (
-        EmpiricalFisherOperator,
-        FisherOperator,
-        GGNOperator,
-        HessianOperator,
-    )
-
     if name == "hessian":
         return HessianOperator(model, loss_fn, data, **kwargs)
     if name == "ggn":
