@@ -68,7 +68,6 @@ __all__ = [
 
 GGN_MODES = ("empirical", "true", "mc", "auto")
 OPERATOR_TYPES = ("ggn", "empirical_fisher", "hessian", "fisher")
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
 _LARGE_MODEL = 10**9  # where the seed cut max_iter (we do not)
 
 # Keyword arguments the entry points accept besides their named ones.
@@ -221,7 +220,6 @@ def _lanczos_config(
     *,
     k: int,
     max_iter: int | None,
-    is_psd: bool,
     op_dtype: torch.dtype,
     opts: dict[str, Any],
     which: str,
@@ -235,10 +233,11 @@ def _lanczos_config(
     if dtype_compute is None:
         dtype_compute = op_dtype  # the seed keeps bf16 Krylov vectors for bf16 models
     if config is None:
-        # PSD operators: selective (the seed's reorth_period=5); indefinite: full. A bf16/fp16
-        # basis gets full reorthogonalization, the one strategy with Rayleigh–Ritz recovery.
-        low = dtype_compute in _LOW_PRECISION
-        reorth = "full" if (low or not is_psd) else "selective"
+        # Full reorthogonalization for every operator: it keeps the same basis as selective
+        # (no memory saved by the others that keep one), its Ritz vectors pass the true-
+        # residual check at the operator's own accuracy where semi-orthogonal ones may
+        # not, and it is the strategy with Rayleigh-Ritz recovery for a bf16/fp16 basis.
+        reorth = "full"
         base = LanczosConfig(reorth=reorth, return_eigenvectors=False)
     else:
         base = config
@@ -308,7 +307,7 @@ def _spectrum(
         micro_batch_size=mbs, check_deterministic=opts["check_deterministic"], **op_kwargs,
     )
     cfg = _lanczos_config(
-        config, k=k, max_iter=max_iter, is_psd=op.is_psd, op_dtype=op.dtype, opts=opts,
+        config, k=k, max_iter=max_iter, op_dtype=op.dtype, opts=opts,
         which=which,
     )
     res = lanczos(op, k, config=cfg)
@@ -403,7 +402,7 @@ def _smallest_eigenvalue(op: Any, res: LanczosResult, cfg_opts: dict[str, Any],
         theta, r, extra = float(eigs[i]), float(resid[i]), 0
     else:
         cfg = _lanczos_config(
-            config, k=1, max_iter=max_iter, is_psd=False, op_dtype=op.dtype,
+            config, k=1, max_iter=max_iter, op_dtype=op.dtype,
             opts={**cfg_opts, "return_eigenvectors": False}, which="SA",
         )
         low = lanczos(op, 1, config=cfg)

@@ -310,7 +310,7 @@ def test_seed_keys_and_metrics_on_a_known_spectrum():
     assert r["operator_used"] == "ggn" and r["is_psd"] is True
     assert r["metadata"]["sample_unit"] == "example" and r["metadata"]["normalization"] == "sum"
     assert (
-        r["metadata"]["reorth"] == "selective"
+        r["metadata"]["reorth"] == "full"
         and r["metadata"]["dtype"] == "float64"
         and r["metadata"]["seed"] == 0
     )
