@@ -1,4 +1,4 @@
-r"""Benchmark of the Lanczos eigensolver (issue 4).
+r"""Benchmark of the Lanczos eigensolver against ARPACK and against its own products.
 
 Part 1, matvec counts: on the test matrices (n = 1000, float64, known spectra), the
 products each strategy needs for the top 5 at ``tol=1e-10`` against
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--skip-table", action="store_true")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--batches", type=int, nargs="+", default=[256, 2048],
-                        help="MLP batch sizes: the first is the headline (the issue's MLP), "
+                        help="MLP batch sizes: the first is the headline (the reported MLP), "
                         "the others show how the overhead falls as the product gets dearer")
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_lanczos.json")
     args = parser.parse_args(argv)
