@@ -1,4 +1,4 @@
-"""The GPU validation script (issue 10), run here in its CPU smoke mode.
+"""The GPU validation run, run here in its CPU smoke mode.
 
 The smoke mode runs every section of ``curvops.validation.gpu_run`` with tiny shapes: the
 same code paths as on the GPU except the CUDA-only ones (cupy, CUDA memory figures), which
@@ -17,6 +17,9 @@ import pytest
 import torch
 from curvops.solvers import LanczosConfig, lanczos
 from curvops.validation import gpu_run
+from curvops.validation.crosscheck import DEFAULT_METHODS
+from curvops.validation.gpu_run import estimates, section_scale_ladder
+from curvops.validation.gpu_run.settings import SMOKE_LADDER
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +56,7 @@ def test_smoke_crosscheck_rows_are_the_crosscheck_rows(smoke):
     sec = written["sections"]["crosscheck"]
     assert sec["cases"] and all(c["status"] == "done" and c["passed"] for c in sec["cases"])
     rows = {r["method"]: r for r in sec["rows"]}
-    assert set(rows) == set(gpu_run.DEFAULT_METHODS)
+    assert set(rows) == set(DEFAULT_METHODS)
     assert rows["cupy-eigsh"]["status"] == "skipped" and "CUDA" in rows["cupy-eigsh"]["note"]
     assert rows["eigsh"]["status"] == "pass" and rows["eigsh"]["rel_error"] < 1e-8
 
@@ -78,7 +81,7 @@ def test_smoke_ladder_strategies_agree(smoke):
     assert {m["status"] for m in models} == {"done"}
     dtypes = set()
     for m in models:
-        spec = next(s for s in gpu_run._SMOKE_LADDER if s.name == m["name"])
+        spec = next(s for s in SMOKE_LADDER if s.name == m["name"])
         assert m["n_params"] > 0 and m["product"][m["dtype"]]["cached_s"] > 0
         cases = m["cases"]
         assert [c["strategy"] for c in cases if c["dtype"] == m["dtype"]] == list(spec.strategies)
@@ -87,6 +90,9 @@ def test_smoke_ladder_strategies_agree(smoke):
             assert c["all_converged"] and len(c["eigenvalues"]) == c["k"]
             assert c["matvecs"] >= c["iterations"] >= c["k"] and c["seconds"] > 0
             assert c["eigenvalues"] == sorted(c["eigenvalues"], reverse=True)
+            assert c["verified"] and c["process_eps"] > 0
+            if c["strategy"] != "none":  # the estimate that caps a basis covers the ledger
+                assert c["solver_estimate_covers_peak"], c
             dtypes.add(c["dtype"])
         # Every pair of strategies, not only each against the reference.
         vals = [np.array(c["eigenvalues"]) for c in cases if c["dtype"] == m["dtype"]]
@@ -119,11 +125,22 @@ def test_small_budget_skips_instead_of_overrunning(tmp_path):
         "skipped: budget"}
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the exit code of a run without CUDA")
+def test_command_line_without_cuda_records_why_and_exits_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "curvops.validation.gpu_run", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "no CUDA device" in proc.stderr
+    written = json.loads((tmp_path / "gpu-cpu.json").read_text())
+    assert written["status"] == "error: no CUDA device (use --smoke on a CPU)"
+    assert written["settings"]["smoke"] is False
+
+
 def test_watchdog_writes_partial_results_and_exits_at_the_deadline(tmp_path):
     code = textwrap.dedent(f"""
         import time
         from pathlib import Path
-        from curvops.validation.gpu_run import Recorder, Watchdog
+        from curvops.validation.gpu_run.record import Recorder, Watchdog
         data = {{"_t0": time.monotonic(), "status": "running", "sections": {{}}}}
         rec = Recorder(Path({str(tmp_path)!r}) / "gpu-x.json", data)
         with rec.change():
@@ -152,35 +169,35 @@ def test_solver_memory_estimate_covers_the_solvers_own_ledger(strategy, dtype):
     A = ((Q * torch.logspace(0, -3, n, dtype=torch.float64)) @ Q.T).to(dtype)
     res = lanczos(A, config=LanczosConfig(k=k, max_iters=iters, tol=0, reorth=strategy,
                                           return_eigenvectors=False))
-    est = gpu_run.solver_bytes_estimate(n, strategy, dtype, dtype, iters, k)
+    est = estimates.solver_bytes_estimate(n, strategy, dtype, dtype, iters, k)
     assert est["total"] >= res.peak_memory_bytes
 
 
 def test_iteration_caps_shrink_with_memory_and_time():
     n = 10**8
     bf16 = torch.bfloat16
-    caps = [gpu_run._fit_iters(n, "full", bf16, 150, 10, g * 2**30) for g in (10, 40, 80)]
+    caps = [estimates.fit_iters(n, "full", bf16, 150, 10, g * 2**30) for g in (10, 40, 80)]
     assert caps == sorted(caps) and caps[0] < caps[-1] <= 150
-    assert gpu_run._fit_iters(n, "full", bf16, 150, 10, 1.0) == 0
-    est = gpu_run.solver_bytes_estimate(n, "full", bf16, bf16, caps[-1], 10)["total"]
+    assert estimates.fit_iters(n, "full", bf16, 150, 10, 1.0) == 0
+    est = estimates.solver_bytes_estimate(n, "full", bf16, bf16, caps[-1], 10)["total"]
     assert est <= 80 * 2**30
     cuda = torch.device("cuda")
-    fast = gpu_run._iters_in_time(10.0, n, "none", bf16, 0.01, cuda, 10**6)
-    slow = gpu_run._iters_in_time(10.0, n, "full", bf16, 0.01, cuda, 10**6)
+    fast = estimates.iters_in_time(10.0, n, "none", bf16, 0.01, cuda, 10**6)
+    slow = estimates.iters_in_time(10.0, n, "full", bf16, 0.01, cuda, 10**6)
     assert fast == int(10.0 / 0.012) and 0 < slow < fast
-    assert gpu_run._iters_in_time(-1.0, n, "none", bf16, 0.01, cuda, 100) == 0
+    assert estimates.iters_in_time(-1.0, n, "none", bf16, 0.01, cuda, 100) == 0
 
 
 @pytest.mark.hf
 def test_an_out_of_memory_case_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
-    real = gpu_run.lanczos
+    real = section_scale_ladder.lanczos
 
     def lanczos_oom_for_selective(A, k=None, *, config=None, v0=None):
         if config.strategy == "selective":
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.00 GiB")
         return real(A, k, config=config, v0=v0)
 
-    monkeypatch.setattr(gpu_run, "lanczos", lanczos_oom_for_selective)
+    monkeypatch.setattr(section_scale_ladder, "lanczos", lanczos_oom_for_selective)
     data = gpu_run.main(["--smoke", "--out", str(tmp_path), "--sections", "scale_ladder",
                          "--models", "gpt2-smoke"])
     (model,) = data["sections"]["scale_ladder"]["models"]

@@ -16,10 +16,10 @@ Parts (``--parts``, default all):
 * ``scaling`` — GPT-2-shaped models (zoo ``gpt2-1m``, ``gpt2-10m``, ``gpt2-124m``; HF models
   with their default attention and the HF objective, as users run them):
   seconds and peak resident memory of a gradient pass and of one GGN and one Hessian
-  product in fp32, and in bf16 up to ≈10 M parameters (bf16 is emulated on this CPU: its
-  gradient pass measured 9x (1 M) to 22x (10 M) slower than fp32; bf16 at scale belongs
-  on a GPU). Ratios are product / gradient pass, the
-  gradient pass being one plain backward of the same total loss (default SDPA kernel).
+  product in fp32, and in bf16 up to ≈10 M parameters (bf16 is emulated on a CPU, far
+  slower than fp32: compare the rows of ``bench_scaling.json``; bf16 at scale belongs on a
+  GPU). Ratios are product / gradient pass, the gradient pass being one plain backward of
+  the same total loss (default SDPA kernel).
 
 Thread settings are part of the result. Run::
 

@@ -1,22 +1,22 @@
 r"""Benchmark: one curvature product divided by one gradient pass, interleaved in one process.
 
-Issues 2 and 3. For each model, every round visits the contenders in a new seeded order;
-each is run once untimed (warm, as in a Lanczos run that repeats the product), then a
-gradient pass (forward + backward on the batch) and one product are timed back to back.
+For each model, every round visits the contenders in a new seeded order; each is run once
+untimed (warm, as in a Lanczos run that repeats the product), then a gradient pass
+(forward + backward on the batch) and one product are timed back to back.
 The table reports the median over rounds of ``time(product) / time(gradient pass)``, so
 slow drifts of the machine cancel.
 
 Contenders (float32):
 
-* ``curvops`` with ``cache="none"`` (every product fresh: issue 2's numbers) and with
-  ``cache="auto"`` (the prepared per-micro-batch states reused: issue 3's numbers; the
-  cache is built before timing starts, as by the first product of a Lanczos run), and
+* ``curvops`` with ``cache="none"`` (every product fresh) and with ``cache="auto"`` (the
+  prepared per-micro-batch states reused; the cache is built before timing starts, as by
+  the first product of a Lanczos run), and
   ``auto_in_solver``: the same inside ``parameters_fixed()``, as ``lanczos``/``cg``/``minres``
   run them (the check for updated parameters once per run, not per product);
 * plain torch's Hessian with the first-order graph kept across products (one double
   backward each: what curvops' Hessian cache does, without curvops around it);
 * the best fresh plain-torch products: Hessian by autograd double backward; GGN by the
-  double-vjp trick with one forward pass (the issue's baseline) and by forward mode
+  double-vjp trick with one forward pass (the usual plain-torch baseline) and by forward mode
   (``Jv`` from dual parameters, then one backward: what curvops' uncached single-vector
   GGN/Fisher products do); empirical Fisher from ``torch.func.vmap`` per-example
   gradients, :math:`G^\top (G v)`;
@@ -191,7 +191,7 @@ def plain_torch(model: nn.Module, batch: tuple[Tensor, Tensor]) -> dict[str, Cal
     reused: dict[str, Any] = {}
 
     def hessian_reused_graph(v: Tensor) -> Tensor:
-        # The issue's "first-order graph reused" row: one double backward per product.
+        # The "first-order graph reused" row: one double backward per product.
         if "g" not in reused:
             loss = F.cross_entropy(model(X), y)
             reused["g"] = torch.autograd.grad(loss, params, create_graph=True)
@@ -290,7 +290,7 @@ def bench_model(
                 raise RuntimeError(f"{name}: {key} differs from plain torch by {err:.2e}")
     # Recorded, not enforced: curvlinops' EF counts every token as an example (another
     # matrix on sequence data) and its Hessian takes jvp over a vmapped backward, which is
-    # off on LayerNorm weights (DECISIONS.md, "Known torch pitfalls").
+    # off on LayerNorm weights (docs/decisions.md, "Known torch pitfalls").
     cl_errors = {}
     if cl is not None:
         for kind in ("hessian", "ggn", "ef"):
@@ -313,8 +313,8 @@ def bench_model(
     # Every round, in a new (seeded) order, each contender runs once untimed, then a
     # gradient pass and the contender are timed back to back: the product is measured warm,
     # as in a Lanczos run that repeats it, and right beside its yardstick. (Timed cold, a
-    # product after a memory-hungry contender, e.g. the vmapped per-example gradients of
-    # 275 MB, ran up to 40 % slower, and a fixed order turned that into a bias.)
+    # product after a memory-hungry contender, such as the vmapped per-example gradients,
+    # runs slower, and a fixed order would turn that into a bias.)
     gradient = contenders.pop("gradient")
     order = list(contenders)
     shuffle = random.Random(seed)
@@ -385,8 +385,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         runs = [bench_model(name, model, batch, args.rounds, args.seed + r)
                 for r in range(args.runs)]
         combined = dict(runs[-1])
-        # Run-to-run spread on this machine is about +-10 %; the median of whole runs is
-        # what the README quotes, each run's ratios are kept beside it.
+        # The median of whole runs (fresh operators, seeds seed..seed+runs-1) is the result;
+        # each run's ratios are kept beside it, to show the run-to-run spread.
         combined["ratios_to_gradient_pass"] = {
             k: statistics.median(r["ratios_to_gradient_pass"][k] for r in runs)
             for k in runs[-1]["ratios_to_gradient_pass"]

@@ -175,7 +175,7 @@ def main() -> None:
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
             "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
             "torch": torch.__version__,
-            "curvlinops": getattr(curvlinops, "__version__", "3.0.1"),
+            "curvlinops": getattr(curvlinops, "__version__", "unknown"),
             "machine": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(),
             "load_average_at_start": list(os.getloadavg()),
