@@ -1,4 +1,4 @@
-r"""The empirical-Fisher spectrum by the Gram trick (the second seed's module, with its fixes).
+r"""The empirical-Fisher spectrum by the Gram trick (the second seed's module).
 
 For ``N`` examples with per-example gradients :math:`g_i = \nabla_\theta \ell_i` (the
 gradient of example ``i``'s **summed** loss: the token sum of a sequence for language
@@ -50,8 +50,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..linops.checks import check_finite_parameters, check_no_train_mode_batchnorm
+from ..linops.checks import (
+    check_finite_parameters,
+    check_int,
+    check_no_train_mode_batchnorm,
+    check_real,
+)
 from ..linops.data import DataSource
+from ..linops.dtypes import dtype_name
 from ..linops.gram import GramOperator
 from ..linops.hf import hf_objective, is_hf_model
 from ..linops.objective import Count, Objective, as_objective
@@ -135,32 +141,34 @@ class SpectralConfig:
     check_deterministic: bool = True
 
     def __post_init__(self) -> None:
-        def positive_int(name: str, value: Any, allow_none: bool = False) -> None:
-            if value is None and allow_none:
-                return
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        """Check every field; numbers (numpy scalars too) become Python's.
 
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+        Raises:
+            ValueError: For any bad field (a number of the wrong type raises
+                :class:`~curvops.linops.checks.NumberTypeError`, a ``ValueError`` too).
+        """
+        self.seed = check_int("seed", self.seed, minimum=0)
         if self.eigensolve_device not in ("auto", "cpu", "cuda"):
             raise ValueError(
                 f"eigensolve_device must be 'auto', 'cpu' or 'cuda', got {self.eigensolve_device!r}"
             )
-        if not (isinstance(self.regularization, (int, float)) and self.regularization >= 0):
-            raise ValueError(f"regularization must be >= 0, got {self.regularization!r}")
+        self.regularization = check_real("regularization", self.regularization, minimum=0)
         if self.dtype_eigensolve not in (torch.float32, torch.float64):
             raise ValueError(
                 f"dtype_eigensolve must be torch.float32 or torch.float64, got "
                 f"{self.dtype_eigensolve!r}"
             )
-        positive_int("top_k_eigenvalues", self.top_k_eigenvalues, allow_none=True)
-        positive_int("max_params_per_block", self.max_params_per_block, allow_none=True)
-        positive_int("chunk_size", self.chunk_size)
-        positive_int("dense_max_examples", self.dense_max_examples)
-        positive_int("lanczos_max_iters", self.lanczos_max_iters)
-        positive_int("rsvd_power_iterations", self.rsvd_power_iterations + 1)
-        positive_int("rsvd_oversampling", self.rsvd_oversampling + 1)
+        for name, minimum, allow_none in (
+            ("top_k_eigenvalues", 1, True),
+            ("max_params_per_block", 1, True),
+            ("chunk_size", 1, False),
+            ("dense_max_examples", 1, False),
+            ("lanczos_max_iters", 1, False),
+            ("rsvd_power_iterations", 0, False),
+            ("rsvd_oversampling", 0, False),
+        ):
+            value = check_int(name, getattr(self, name), minimum=minimum, allow_none=allow_none)
+            setattr(self, name, value)
         if self.per_example_method not in METHODS:
             raise ValueError(
                 f"per_example_method must be one of {METHODS}, got {self.per_example_method!r}"
@@ -294,10 +302,7 @@ class FisherSpectral:
             )
         if not isinstance(center_gradients, bool):
             raise TypeError(f"center_gradients must be a bool, got {center_gradients!r}")
-        if n_samples is not None and (
-            isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 0
-        ):
-            raise ValueError(f"n_samples must be a non-negative int or None, got {n_samples!r}")
+        n_samples = check_int("n_samples", n_samples, minimum=0, allow_none=True)
         device = self._eigensolve_device()
         with deterministic_algorithms(cfg.use_deterministic):
             if precomputed_gradients is not None:
@@ -619,7 +624,7 @@ class FisherSpectral:
                 "n_blocks": len(blocks),
                 "use_deterministic": cfg.use_deterministic,
                 "seed": cfg.seed,
-                "dtype": str(cfg.dtype_eigensolve).replace("torch.", ""),
+                "dtype": dtype_name(cfg.dtype_eigensolve),
                 "device": str(target),
                 "per_example_method": method,
                 "top_k_requested": cfg.top_k_eigenvalues,
@@ -654,7 +659,7 @@ class FisherSpectral:
                 "block_structure": structure,
                 "use_deterministic": cfg.use_deterministic,
                 "seed": cfg.seed,
-                "dtype": str(cfg.dtype_eigensolve).replace("torch.", ""),
+                "dtype": dtype_name(cfg.dtype_eigensolve),
                 "device": None,
                 "empty": True,
             },

@@ -44,18 +44,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..linops import (
-    EmpiricalFisherOperator,
-    FisherOperator,
-    GGNOperator,
-    HessianOperator,
-    select_parameters,
-)
-from ..linops.checks import as_integer, as_real
+from ..linops import FisherOperator, select_parameters
+from ..linops.checks import check_int, check_real
 from ..linops.data import DataSource
+from ..linops.dtypes import dtype_name
 from ..linops.hf import hf_objective, is_hf_model
 from ..linops.memory import plan_micro_batches
 from ..linops.objective import Objective, as_objective
+from ..linops.registry import OperatorSpec, operator_names, operator_spec
 from ..solvers.lanczos import LanczosConfig, LanczosResult, lanczos
 from ..solvers.metrics import spectrum_metrics
 
@@ -64,10 +60,17 @@ __all__ = [
     "compute_hessian_eigenvalues_lanczos",
     "compute_spectrum",
     "compute_spectrum_comparison",
+    "ggn_mode_of",
 ]
 
-GGN_MODES = ("empirical", "true", "mc", "auto")
-OPERATOR_TYPES = ("ggn", "empirical_fisher", "hessian", "fisher")
+#: The seed's ``ggn_mode`` -> the operator (a registry name) it selects in place of the GGN;
+#: ``"auto"`` is the exact GGN for every supported loss (each has a closed-form GGN).
+_GGN_MODE_OPERATOR = {"empirical": "empirical_fisher", "true": "ggn", "mc": "fisher_mc",
+                      "auto": "ggn"}
+GGN_MODES = tuple(_GGN_MODE_OPERATOR)
+#: Every ``operator_type`` accepted: the names of :mod:`curvops.linops.registry` (the seed
+#: documents ``"ggn"``, ``"empirical_fisher"``, ``"hessian"`` and ``"fisher"``).
+OPERATOR_TYPES = operator_names()
 _LARGE_MODEL = 10**9  # where the seed cut max_iter (we do not)
 
 # Keyword arguments the entry points accept besides their named ones.
@@ -96,38 +99,17 @@ def _options(kwargs: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise TypeError(f"unexpected keyword argument(s) {unknown}; accepted: {sorted(_OPTIONS)}")
     opts = {**_OPTIONS, **kwargs}
-    if opts["tol"] is not None:
-        opts["tol"] = _tol_arg(opts["tol"])
-    if opts["seed"] is not None:
-        opts["seed"] = _int_arg("seed", opts["seed"])
-    opts["mc_samples"] = _int_arg("mc_samples", opts["mc_samples"], 1)
-    if opts["memory_budget_bytes"] is not None:
-        opts["memory_budget_bytes"] = _int_arg(
-            "memory_budget_bytes", opts["memory_budget_bytes"], minimum=1
+    opts["tol"] = check_real("tol", opts["tol"], minimum=0, allow_none=True)
+    opts["seed"] = check_int("seed", opts["seed"], allow_none=True)
+    opts["mc_samples"] = check_int("mc_samples", opts["mc_samples"], minimum=1)
+    opts["memory_budget_bytes"] = check_int(
+        "memory_budget_bytes", opts["memory_budget_bytes"], minimum=1, allow_none=True
+    )
+    if opts["micro_batch_size"] != "auto":
+        opts["micro_batch_size"] = check_int(
+            "micro_batch_size", opts["micro_batch_size"], minimum=1, allow_none=True
         )
-    if opts["micro_batch_size"] not in (None, "auto"):
-        opts["micro_batch_size"] = _int_arg("micro_batch_size", opts["micro_batch_size"], 1)
     return opts
-
-
-def _int_arg(name: str, value: Any, minimum: int | None = None) -> int:
-    """``value`` as a Python int (numpy integers too); refuse bools, floats and strings."""
-    out = as_integer(value)
-    if out is None:
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    if minimum is not None and out < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {out}")
-    return out
-
-
-def _tol_arg(value: Any) -> float:
-    """``tol`` as a Python float (numpy scalars too), finite and >= 0."""
-    out = as_real(value)
-    if out is None:
-        raise TypeError(f"tol must be a real number, got {value!r} ({type(value).__name__})")
-    if not (math.isfinite(out) and out >= 0):
-        raise ValueError(f"tol must be a finite number >= 0, got {out}")
-    return out
 
 
 def _config(config: Any) -> LanczosConfig | None:
@@ -199,20 +181,38 @@ def _objective(model: nn.Module, data: Any, opts: dict[str, Any]) -> Objective:
     )
 
 
-def _operator_spec(operator_type: str, ggn_mode: str | None) -> tuple[type, dict[str, Any], str]:
-    """(operator class, extra kwargs, operator_used) for a seed operator name and mode."""
-    if operator_type not in OPERATOR_TYPES:
-        raise ValueError(f"operator_type must be one of {OPERATOR_TYPES}, got {operator_type!r}")
+def _check_ggn_mode(ggn_mode: str | None) -> None:
     if ggn_mode is not None and ggn_mode not in GGN_MODES:
         raise ValueError(f"ggn_mode must be one of {GGN_MODES}, got {ggn_mode!r}")
-    if operator_type == "hessian":
-        return HessianOperator, {}, "hessian"
-    if operator_type == "empirical_fisher" or ggn_mode == "empirical":
-        return EmpiricalFisherOperator, {}, "empirical_fisher"
-    if ggn_mode == "mc":
-        return FisherOperator, {"mode": "mc"}, "fisher_mc"
-    # "true", "auto" (every supported loss has a closed-form GGN) and the default.
-    return GGNOperator, {}, "ggn"
+
+
+def _operator_spec(operator_type: str, ggn_mode: str | None) -> OperatorSpec:
+    """The operator an ``operator_type`` (a registry name) and a ``ggn_mode`` select.
+
+    ``ggn_mode`` picks among the GGN's relatives only when ``operator_type`` names the GGN
+    (``"ggn"``, ``"fisher"``); every other name selects its own operator.
+    """
+    spec = operator_spec(operator_type, argument="operator_type")
+    _check_ggn_mode(ggn_mode)
+    if spec.name == "ggn" and ggn_mode is not None:
+        return operator_spec(_GGN_MODE_OPERATOR[ggn_mode])
+    return spec
+
+
+def ggn_mode_of(operator: str) -> str:
+    """The ``ggn_mode`` with which :func:`compute_fisher_eigenvalues_lanczos` computes
+    ``operator`` (a name of :mod:`curvops.linops.registry`): ``"ef"`` -> ``"empirical"``.
+
+    Raises:
+        ValueError: For an unknown name, or the Hessian (it has its own entry point).
+    """
+    name = operator_spec(operator).name
+    for mode, target in _GGN_MODE_OPERATOR.items():
+        if target == name:
+            return mode
+    raise ValueError(
+        f"no ggn_mode selects {operator!r}; use compute_hessian_eigenvalues_lanczos"
+    )
 
 
 def _lanczos_config(
@@ -268,10 +268,10 @@ def _spectrum(
     t0 = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    k = _int_arg("k", k, 1)
-    if max_iter is not None:
-        max_iter = _int_arg("max_iter", max_iter, 1)
-    op_cls, op_kwargs, operator_used = _operator_spec(operator_type, ggn_mode)
+    k = check_int("k", k, minimum=1)
+    max_iter = check_int("max_iter", max_iter, minimum=1, allow_none=True)
+    spec = _operator_spec(operator_type, ggn_mode)
+    op_cls, op_kwargs, operator_used = spec.cls, dict(spec.kwargs), spec.name
     which = opts["which"] or (config.which if config is not None else "LA")
     if op_cls is FisherOperator:
         op_kwargs = {**op_kwargs, "mc_samples": opts["mc_samples"]}
@@ -297,9 +297,7 @@ def _spectrum(
             memory_budget_bytes=opts["memory_budget_bytes"], operator_kwargs=op_kwargs,
         )
         mbs = plan.micro_batch_size
-    elif mbs is not None:
-        mbs = _int_arg("micro_batch_size", mbs, 1)
-    elif opts["memory_budget_bytes"] is not None:
+    elif opts["memory_budget_bytes"] is not None and mbs is None:
         raise ValueError("memory_budget_bytes needs micro_batch_size='auto'")
 
     op = op_cls(
@@ -364,8 +362,8 @@ def _spectrum(
         "micro_batch_size": mbs,
         "micro_batch_plan": None if plan is None else plan.as_dict(),
         "n_params": int(n),
-        "dtype": str(op.dtype).replace("torch.", ""),
-        "dtype_compute": str(cfg.dtype_compute).replace("torch.", ""),
+        "dtype": dtype_name(op.dtype),
+        "dtype_compute": dtype_name(cfg.dtype_compute),
         "seed": int(cfg.seed),
         "tol": float(cfg.tol),
         "max_iter": int(cfg.max_iters),
@@ -464,8 +462,7 @@ def compute_fisher_eigenvalues_lanczos(
         ValueError: k >= n, an unknown ggn_mode, empty data, bad batches, active dropout.
         TypeError: Unknown keyword arguments, a plain module without ``loss_fn``.
     """
-    if ggn_mode not in GGN_MODES:
-        raise ValueError(f"ggn_mode must be one of {GGN_MODES}, got {ggn_mode!r}")
+    _check_ggn_mode(ggn_mode)
     config = _config(config)
     opts = _options(kwargs)
     mode = "empirical" if not use_ggn else ggn_mode
@@ -533,7 +530,8 @@ def compute_spectrum(
     ``operator_type``: ``"ggn"`` (exact GGN; ``ggn_mode`` may pick ``"empirical"`` or
     ``"mc"`` instead, as in :func:`compute_fisher_eigenvalues_lanczos`), ``"fisher"``
     (exact Fisher = GGN, or MC with ``ggn_mode="mc"``), ``"empirical_fisher"`` or
-    ``"hessian"``. ``k`` and ``max_iters`` come from ``config`` (default
+    ``"hessian"``; the other names of :mod:`curvops.linops.registry` (``"ef"``,
+    ``"fisher_mc"``) work too. ``k`` and ``max_iters`` come from ``config`` (default
     :class:`LanczosConfig` values, ``k=5``).
 
     Args:
@@ -552,7 +550,7 @@ def compute_spectrum(
     defaults = config if config is not None else LanczosConfig()
     k = kwargs.pop("k", defaults.k)
     max_iter = kwargs.pop("max_iter", defaults.max_iters)
-    if operator_type == "hessian":
+    if operator_spec(operator_type, argument="operator_type").name == "hessian":
         if ggn_mode is not None:
             raise ValueError("ggn_mode does not apply to operator_type='hessian'")
         return compute_hessian_eigenvalues_lanczos(

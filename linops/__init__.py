@@ -8,7 +8,11 @@
 * Operators over the flattened, concatenated parameters: the base class and its algebra
   (:mod:`.base`), Hessian/GGN/Fisher (:mod:`.curvature`), the Gram operator
   (:mod:`.gram`), per-example gradients (:mod:`.per_example`).
-* Micro-batch memory planning (:mod:`.memory`).
+* The operators by name (:mod:`.registry`): canonical names, short names, aliases.
+* Micro-batch memory planning (:mod:`.memory`), on the measuring primitives of
+  :mod:`.memory_probe` (peak memory, bytes saved for backward, bytes held).
+* Shared pieces: the number checks (:mod:`.checks`), the dtype table (:mod:`.dtypes`), the
+  set-up of operators built from a model, a loss and data (:mod:`.empirical_risk`).
 
 Nothing here imports :mod:`curvops.solvers`, :mod:`curvops.adapters` or anything above.
 """
@@ -30,6 +34,7 @@ from .memory import MicroBatchPlan, plan_micro_batches
 from .objective import Count, Objective, Rows, TorchObjective
 from .params import ParameterSpace, select_parameters
 from .per_example import GradientChunk, per_example_gradient_chunks, per_example_gradients
+from .registry import OperatorSpec, make_operator, operator_spec
 from .scipy_view import ScipyView, to_scipy
 
 __all__ = [
@@ -47,6 +52,7 @@ __all__ = [
     "LossKind",
     "MicroBatchPlan",
     "Objective",
+    "OperatorSpec",
     "ParameterSpace",
     "Rows",
     "ScaledOperator",
@@ -57,6 +63,8 @@ __all__ = [
     "attention_product_context",
     "hf_objective",
     "is_hf_model",
+    "make_operator",
+    "operator_spec",
     "per_example_gradient_chunks",
     "per_example_gradients",
     "plan_micro_batches",

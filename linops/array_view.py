@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .dtypes import LOW_PRECISION, TORCH_OF_NUMPY
+
 __all__ = [
     "NUMPY",
     "ArrayNamespace",
@@ -44,8 +46,12 @@ __all__ = [
     "view_dtype",
 ]
 
-_NUMPY_OF_TORCH = {torch.float32: np.float32, torch.float64: np.float64}
-_TORCH_OF_NUMPY = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
+#: The dtypes a view may have: float32 and float64 (numpy and cupy have no bfloat16; bf16 and
+#: fp16 operators are viewed in float32, see :func:`view_dtype`).
+_TORCH_OF_NUMPY = {
+    np_dtype: dtype for np_dtype, dtype in TORCH_OF_NUMPY.items() if dtype not in LOW_PRECISION
+}
+_NUMPY_OF_TORCH = {dtype: np_dtype for np_dtype, dtype in _TORCH_OF_NUMPY.items()}
 
 
 def view_dtype(op_dtype: torch.dtype, dtype: Any) -> np.dtype:

@@ -10,7 +10,6 @@ because the base class's ``+``, ``*`` and :meth:`~LinearOperatorBase.damped` bui
 from __future__ import annotations
 
 import contextlib
-import math
 import numbers
 from collections.abc import Sequence
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .checks import as_real
+from .checks import as_real, check_real
 from .cupy_view import to_cupy
 from .scipy_view import to_scipy
 
@@ -175,12 +174,7 @@ class LinearOperatorBase:
             TypeError: If ``damping`` is not a real number.
             ValueError: If it is NaN or infinite.
         """
-        lam = as_real(damping)
-        if lam is None:
-            raise TypeError(f"damping must be a real number, got {damping!r}")
-        if not math.isfinite(lam):
-            raise ValueError(f"damping must be finite, got {damping!r}")
-        return self + lam * IdentityOperator.like(self)
+        return self + check_real("damping", damping) * IdentityOperator.like(self)
 
     def __repr__(self) -> str:
         return (

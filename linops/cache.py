@@ -7,7 +7,8 @@ graph); only the last backward pass(es) depend on the vector. :class:`ProductCac
 keeps that prepared state per micro-batch, within a memory budget, and refuses to
 serve it once the parameters have changed.
 
-Memory accounting (what ``cache_bytes`` reports):
+Memory accounting (what ``cache_bytes`` reports) is the memory each state keeps alive,
+:func:`curvops.linops.memory_probe.measure_held`:
 
 * CUDA: the growth of ``torch.cuda.memory_allocated`` while a micro-batch's state is
   built and held (the allocator's own count of live tensors).
@@ -16,9 +17,8 @@ Memory accounting (what ``cache_bytes`` reports):
   parameters and buffers of the model are not counted (they exist anyway).
 
 Default budget: :data:`DEFAULT_BUDGET_FRACTION` (25 %) of the memory available on the
-operator's device when the operator is built (CUDA: free memory from
-``torch.cuda.mem_get_info``; CPU: ``MemAvailable`` of ``/proc/meminfo``, else the free
-physical pages).
+operator's device when the operator is built
+(:func:`~curvops.linops.memory_probe.available_memory_bytes`).
 
 Staleness: a state is tied to the parameter values it was built from. The cache
 records a fingerprint of the model's parameters and buffers (object identity, data
@@ -29,42 +29,19 @@ counter) and rebuilds when it changes.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .checks import as_integer
+from .checks import check_int
+from .memory_probe import available_memory_bytes
 
 #: Share of the available memory a cache may use when no budget is given.
 DEFAULT_BUDGET_FRACTION = 0.25
 
 CACHE_MODES = ("auto", "none")
-
-
-def available_memory_bytes(device: torch.device) -> int:
-    """Memory available for new tensors on ``device``, in bytes.
-
-    CUDA: free device memory (``torch.cuda.mem_get_info``). CPU: ``MemAvailable`` from
-    ``/proc/meminfo``, falling back to the number of free physical pages.
-    """
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - exotic platforms
-        return 0
 
 
 def default_cache_budget(device: torch.device) -> int:
@@ -84,71 +61,7 @@ def check_cache_arguments(cache: Any, budget: Any) -> int | None:
     """
     if cache not in CACHE_MODES:
         raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
-    if budget is None:
-        return None
-    nbytes = as_integer(budget)
-    if nbytes is None:
-        raise TypeError(f"cache_budget_bytes must be an int or None, got {budget!r}")
-    if nbytes < 0:
-        raise ValueError(f"cache_budget_bytes must be >= 0, got {budget}")
-    return nbytes
-
-
-def _storage_key(t: Tensor) -> tuple[str, int]:
-    s = t.untyped_storage()
-    return (str(t.device), s.data_ptr())
-
-
-def _storage_bytes(t: Tensor) -> int:
-    return int(t.untyped_storage().nbytes())
-
-
-def graph_saved_storages(roots: Iterable[Tensor | None]) -> dict[tuple[str, int], int]:
-    """Distinct storages saved for backward in the autograd graph behind ``roots``.
-
-    Walks every node reachable from the roots' ``grad_fn`` and reads its ``_saved_*``
-    attributes (tensors, or tuples/lists of tensors).
-
-    Returns:
-        ``{(device, data pointer): bytes}`` of each distinct storage.
-    """
-    stack = [r.grad_fn for r in roots if isinstance(r, Tensor) and r.grad_fn is not None]
-    seen: set[Any] = set()
-    storages: dict[tuple[str, int], int] = {}
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        for attr in dir(node):
-            if not attr.startswith("_saved_"):
-                continue
-            try:
-                value = getattr(node, attr)
-            except RuntimeError:  # buffers already freed
-                continue
-            for t in value if isinstance(value, (tuple, list)) else (value,):
-                if isinstance(t, Tensor) and t.device.type != "meta":
-                    storages[_storage_key(t)] = _storage_bytes(t)
-        stack.extend(nxt for nxt, _ in node.next_functions)
-    return storages
-
-
-def state_bytes(tensors: Sequence[Tensor | None], exclude: Iterable[Tensor]) -> int:
-    """Bytes a prepared state keeps alive: its tensors and everything their graph saved.
-
-    Args:
-        tensors: The state's tensors (graph outputs and plain tensors).
-        exclude: Tensors that exist anyway (parameters, buffers): their storages are
-            not counted.
-    """
-    storages = graph_saved_storages(tensors)
-    for t in tensors:
-        if isinstance(t, Tensor):
-            storages[_storage_key(t)] = _storage_bytes(t)
-    for t in exclude:
-        storages.pop(_storage_key(t), None)
-    return sum(storages.values())
+    return check_int("cache_budget_bytes", budget, minimum=0, allow_none=True)
 
 
 def _named_state(model: nn.Module) -> list[tuple[str, Tensor]]:
@@ -170,7 +83,7 @@ def parameter_fingerprint(model: nn.Module) -> tuple[Any, ...]:
         if t.is_floating_point() and t.numel():
             groups.setdefault(t.dtype, []).append(t)
     sums: list[float] = []
-    with torch.no_grad():  # no graph for the checksums (it ran on every cached product)
+    with torch.no_grad():  # no graph for the checksums (they run on every cached product)
         for dtype, tensors in groups.items():
             if dtype in (torch.float32, torch.float64):
                 norms = torch._foreach_norm(tensors)  # one fused pass
@@ -239,10 +152,6 @@ class ProductCache:
     def may_build(self) -> bool:
         """Whether the next fresh pass should try to build the cache."""
         return self.mode == "auto" and not self.complete and not self.too_large
-
-    def remaining(self) -> int:
-        """Budget left for more states."""
-        return self.budget_bytes - self.nbytes
 
     def offer(self, state: Any, nbytes: int) -> bool:
         """Keep ``state`` if it fits; otherwise drop everything and stop caching.

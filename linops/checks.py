@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .dtypes import working_dtype
+
 
 def all_finite(x: Tensor) -> bool:
     """Whether ``x`` has no NaN/Inf, in one reduction where it is finite.
@@ -27,8 +29,9 @@ def all_finite(x: Tensor) -> bool:
     """
     if x.numel() == 0:
         return True
-    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return math.isfinite(float(x.sum(dtype=wide))) or bool(torch.isfinite(x).all())
+    return math.isfinite(float(x.sum(dtype=working_dtype(x.dtype)))) or bool(
+        torch.isfinite(x).all()
+    )
 
 
 def as_integer(value: Any) -> int | None:
@@ -52,6 +55,126 @@ def as_real(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None
     return float(value)
+
+
+class NumberTypeError(TypeError, ValueError):
+    """A numeric argument of the wrong type: a string, a bool, a float where an int is due.
+
+    A ``TypeError``, as a wrong type is, and a ``ValueError`` as well: several entry points
+    (``micro_batch_size``, ``mc_samples``, ``chunk_size``, the language-model limits,
+    :class:`~curvops.solvers.lanczos.LanczosConfig`, ``SpectralConfig``) document
+    ``ValueError`` for any bad value of such an argument, and both promises hold.
+    """
+
+
+def _bounds(
+    minimum: float | None, maximum: float | None, above: float | None, below: float | None
+) -> str:
+    """`` >= 1 and < 2``: the bounds of a number, as a message states them."""
+    parts = [
+        f"{op} {bound}" if isinstance(bound, int) else f"{op} {bound:g}"
+        for op, bound in ((">=", minimum), (">", above), ("<=", maximum), ("<", below))
+        if bound is not None
+    ]
+    return " " + " and ".join(parts) if parts else ""
+
+
+def _refuse(name: str, kind: str, bounds: str, allow_none: bool, value: Any) -> str:
+    """The one wording of a refused number: ``"k must be an int >= 1, got 0"``."""
+    return f"{name} must be {kind}{bounds}{' or None' if allow_none else ''}, got {value!r}"
+
+
+def check_int(
+    name: str,
+    value: Any,
+    *,
+    minimum: int | None = None,
+    maximum: int | None = None,
+    allow_none: bool = False,
+) -> int | None:
+    """``value`` as a Python ``int`` within ``[minimum, maximum]`` (either bound optional).
+
+    What counts as an integer is :func:`as_integer`'s rule: Python and numpy integers, not
+    ``bool`` and not an integral float.
+
+    Args:
+        name: The argument's name, for the message.
+        value: What was passed.
+        minimum: The smallest value allowed.
+        maximum: The largest value allowed.
+        allow_none: Return ``None`` for ``None`` (the argument's "not given").
+
+    Returns:
+        The integer, or ``None`` when ``value`` is ``None`` and that is allowed.
+
+    Raises:
+        NumberTypeError: For anything that is not an integer (a ``TypeError`` and a
+            ``ValueError``).
+        ValueError: For an integer out of bounds.
+    """
+    if value is None and allow_none:
+        return None
+    number = as_integer(value)
+    if number is None:
+        raise NumberTypeError(_refuse(name, "an int", "", allow_none, value))
+    if (minimum is not None and number < minimum) or (maximum is not None and number > maximum):
+        bounds = _bounds(minimum, maximum, None, None)
+        raise ValueError(_refuse(name, "an int", bounds, allow_none, value))
+    return number
+
+
+def check_real(
+    name: str,
+    value: Any,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    above: float | None = None,
+    below: float | None = None,
+    finite: bool = True,
+    allow_none: bool = False,
+) -> float | None:
+    """``value`` as a Python ``float`` within the given bounds.
+
+    What counts as a real number is :func:`as_real`'s rule: Python and numpy real scalars,
+    not ``bool``.
+
+    Args:
+        name: The argument's name, for the message.
+        value: What was passed.
+        minimum: Allowed values are ``>= minimum``.
+        maximum: Allowed values are ``<= maximum``.
+        above: Allowed values are ``> above``.
+        below: Allowed values are ``< below``.
+        finite: Refuse infinities (NaN is refused whatever this says).
+        allow_none: Return ``None`` for ``None`` (the argument's "not given").
+
+    Returns:
+        The number, or ``None`` when ``value`` is ``None`` and that is allowed.
+
+    Raises:
+        NumberTypeError: For anything that is not a real number (a ``TypeError`` and a
+            ``ValueError``).
+        ValueError: For a number out of bounds (or not finite when ``finite``).
+    """
+    if value is None and allow_none:
+        return None
+    number = as_real(value)
+    if number is None:
+        raise NumberTypeError(_refuse(name, "a real number", "", allow_none, value))
+    outside = (
+        (finite and not math.isfinite(number))
+        or math.isnan(number)
+        or (minimum is not None and not number >= minimum)
+        or (maximum is not None and not number <= maximum)
+        or (above is not None and not number > above)
+        or (below is not None and not number < below)
+    )
+    if outside:
+        kind = "a finite number" if finite else "a number"
+        bounds = _bounds(minimum, maximum, above, below)
+        raise ValueError(_refuse(name, kind, bounds, allow_none, value))
+    return number
 
 
 def check_materialized(model: nn.Module) -> None:

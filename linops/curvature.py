@@ -57,22 +57,14 @@ from .cache import (
     check_cache_arguments,
     default_cache_budget,
     parameter_fingerprint,
-    state_bytes,
 )
-from .checks import (
-    all_finite,
-    as_integer,
-    check_finite_parameters,
-    check_materialized,
-    check_no_train_mode_batchnorm,
-    check_repeatable,
-)
-from .data import DataFingerprint, DataSource, survey_data
-from .objective import Objective, OwnParameters, Rows, as_objective
-from .params import ParameterSpace, model_dtype, select_parameters
+from .checks import all_finite, check_int, check_repeatable
+from .data import DataFingerprint
+from .dtypes import working_dtype
+from .empirical_risk import EmpiricalRisk
+from .memory_probe import graph_bytes, measure_held
+from .objective import OwnParameters, Rows
 from .per_example import per_example_gradients
-
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def _reordering_error() -> ValueError:
@@ -87,7 +79,7 @@ def _reordering_error() -> ValueError:
     )
 
 
-class CurvatureOperator(LinearOperatorBase):
+class CurvatureOperator(EmpiricalRisk, LinearOperatorBase):
     """Base class of the curvature operators.
 
     Args:
@@ -144,38 +136,22 @@ class CurvatureOperator(LinearOperatorBase):
         cache_budget_bytes: int | None = None,
     ) -> None:
         cache_budget_bytes = check_cache_arguments(cache, cache_budget_bytes)
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        check_materialized(model)
-        self.model = model
-        self.objective: Objective = as_objective(loss_fn)
-        names, tensors = select_parameters(model, params)
-        self.params = tensors
-        self.space = ParameterSpace.from_parameters(names, tensors)
-        self._selects_all = {n for n, _ in model.named_parameters()} == set(names)
+        self.micro_batch_size = check_int(
+            "micro_batch_size", micro_batch_size, minimum=1, allow_none=True
+        )
+        self._set_up_risk(model, loss_fn, data, params)
+        self._selects_all = {n for n, _ in model.named_parameters()} == set(self.space.names)
         n = self.space.size
         self.shape = (n, n)
         self.dtype = self.space.dtype
         self.device = self.space.device
-        if micro_batch_size is not None:
-            size = as_integer(micro_batch_size)
-            if size is None or size < 1:
-                raise ValueError(
-                    f"micro_batch_size must be a positive int, got {micro_batch_size!r}"
-                )
-            micro_batch_size = size
-        self.micro_batch_size = micro_batch_size
-        check_finite_parameters(names, tensors)
-        check_no_train_mode_batchnorm(model)
-        self.data = DataSource(data)
         fixed_order = self._needs_fixed_order
         if fixed_order and self.data.reorders:
             raise _reordering_error()
         fingerprint = (
             DataFingerprint(order=fixed_order) if check_deterministic or fixed_order else None
         )
-        self.total = survey_data(self.data, self.objective, model_dtype(model), fingerprint)
-        self.normalizer = self.objective.normalizer(self.total)
+        self._survey(fingerprint)
         if fingerprint is not None:
             self._check_same_data(fingerprint, content=check_deterministic)
         if check_deterministic:
@@ -230,10 +206,11 @@ class CurvatureOperator(LinearOperatorBase):
 
         A cached product first checks that the parameters are still those the cache was
         built from (:func:`~curvops.linops.cache.parameter_fingerprint`: a pass over all
-        parameters, ~4 % of a cached MLP product). Inside this block the check runs once on
-        entry and once on exit instead of on every product. A change found on exit
-        raises: the products computed inside may then come from two different matrices.
-        ``lanczos``, ``cg`` and ``minres`` enter it for their run; nested blocks are free.
+        parameters, a noticeable share of a cached product; docs/decisions.md). Inside this
+        block the check runs once on entry and once on exit instead of on every product.
+        A change found on exit raises: the products computed inside may then come from two
+        different matrices. ``lanczos``, ``cg`` and ``minres`` enter it for their run;
+        nested blocks are free.
 
         Raises:
             RuntimeError: On leaving the block, if the parameters changed inside it.
@@ -355,7 +332,7 @@ class CurvatureOperator(LinearOperatorBase):
 
     # --- products -------------------------------------------------------------------------
     def _matmat(self, V: Tensor) -> Tensor:
-        acc_dtype = torch.float32 if self.dtype in _LOW_PRECISION else self.dtype
+        acc_dtype = working_dtype(self.dtype)
         Vt = V.T.contiguous()  # (m, n): one row per column of V
         blocks = self.space.unflatten(Vt)
         acc: Tensor | None = None
@@ -414,13 +391,16 @@ class CurvatureOperator(LinearOperatorBase):
 
     def _prepare_measured(self, batch: Any, offset: int) -> tuple[_PreparedState, int]:
         """Prepare a micro-batch's state for the cache and measure the memory it holds."""
-        if self.device.type == "cuda":
-            before = torch.cuda.memory_allocated(self.device)
-            state = self._prepare(batch, offset, for_cache=True)
-            return state, max(torch.cuda.memory_allocated(self.device) - before, 0)
-        state = self._prepare(batch, offset, for_cache=True)
-        exclude = [*self.model.parameters(), *self.model.buffers()]
-        return state, state_bytes(state.tensors(), exclude)
+        return measure_held(
+            self.device,
+            lambda: self._prepare(batch, offset, for_cache=True),
+            lambda state: state.tensors(),
+            self._existing_tensors(),
+        )
+
+    def _existing_tensors(self) -> list[Tensor]:
+        """The model's parameters and buffers: memory a prepared state does not add."""
+        return [*self.model.parameters(), *self.model.buffers()]
 
     def _prepare(self, batch: Any, offset: int, *, for_cache: bool) -> _PreparedState:
         """The vector-independent part of a micro-batch's product (forward, first-order graph)."""
@@ -567,11 +547,11 @@ class _JacobianSandwich(CurvatureOperator):
 
         A forward pass with dual parameters :math:`(\theta, v)` gives the predictions
         and :math:`Jv` together; one backward gives :math:`J^\top M J v`. Double-vjp needs
-        a ``create_graph`` backward and a backward through it on top (plain torch,
-        measured: 2.03 vs 2.17 gradient passes on the benchmark MLP, 2.01 vs 2.45 on the
-        transformer). If forward mode fails in any way (an op without a forward-mode
-        formula, a non-reentrant activation checkpoint), the product is recomputed by
-        double-vjp, and if that succeeds forward mode is off for good.
+        a ``create_graph`` backward and a backward through it on top, so forward mode takes
+        fewer gradient passes (docs/decisions.md, Operators). If forward mode fails in any
+        way (an op without a forward-mode formula, a non-reentrant activation checkpoint),
+        the product is recomputed by double-vjp, and if that succeeds forward mode is off
+        for good.
         """
         if Vt.shape[0] != 1 or self._forward_mode is False:
             return None
@@ -671,11 +651,12 @@ def _example_uniforms(
     return torch.cat(parts, dim=1).to(device)
 
 
-class FisherOperator(_JacobianSandwich):
+class FisherOperator(GGNOperator):
     r"""The Fisher information of the model's predictive distribution.
 
     ``mode="exact"`` is :math:`c \sum_r J_r^\top \mathbb E_{y \sim p(y|f_r)}[g g^\top] J_r`,
-    which equals the GGN for the supported losses. ``mode="mc"`` replaces the
+    which equals the GGN for the supported losses: its products are the GGN's, by the
+    same code (only :attr:`name` differs). ``mode="mc"`` replaces the
     expectation by ``mc_samples`` draws per row, drawn from the model at the current
     parameters and keyed by ``(seed, global example index)``, so every product uses
     the same labels and the operator is one fixed matrix. Keying by example index
@@ -705,13 +686,9 @@ class FisherOperator(_JacobianSandwich):
     ) -> None:
         if mode not in ("exact", "mc"):
             raise ValueError(f"mode must be 'exact' or 'mc', got {mode!r}")
-        samples = as_integer(mc_samples)
-        if samples is None or samples < 1:
-            raise ValueError(f"mc_samples must be a positive int, got {mc_samples!r}")
-        key = as_integer(seed)
-        if key is None:
-            raise TypeError(f"seed must be an int, got {seed!r}")
-        self.mode, self.mc_samples, self.seed = mode, samples, key
+        self.mode = mode
+        self.mc_samples = check_int("mc_samples", mc_samples, minimum=1)
+        self.seed = check_int("seed", seed)
         self.name = "fisher" if mode == "exact" else "fisher_mc"
         # The MC labels are keyed by each example's position in the data.
         self._needs_fixed_order = mode == "mc"
@@ -728,13 +705,13 @@ class FisherOperator(_JacobianSandwich):
 
     def _middle(self, rows: Rows, offset: int) -> Tensor | None:
         if self.mode == "exact":
-            return rows.predictions.detach()
+            return super()._middle(rows, offset)
         return self.sampled_row_gradients(rows, offset)
 
     def _middle_matmul(self, middle: Tensor | None, JV: Tensor) -> Tensor:
-        assert middle is not None
         if self.mode == "exact":
-            return self.objective.kind.hessian_matmul(middle, JV)
+            return super()._middle_matmul(middle, JV)
+        assert middle is not None
         coef = torch.einsum("src,mrc->msr", middle, JV)
         return torch.einsum("msr,src->mrc", coef, middle) / self.mc_samples
 
@@ -767,8 +744,7 @@ class EmpiricalFisherOperator(CurvatureOperator):
         # (true for weight-shared models such as transformers, false for wide MLPs).
         itemsize = torch.finfo(self.dtype).bits // 8
         g_bytes = int(graph.outputs.shape[0]) * self.shape[0] * itemsize
-        exclude = [*self.model.parameters(), *self.model.buffers()]
-        if g_bytes > state_bytes(graph.tensors(), exclude):
+        if g_bytes > graph_bytes(graph.tensors(), self._existing_tensors()):
             return graph
         del graph
         G = per_example_gradients(self.model, self.objective, batch, self.params)

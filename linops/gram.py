@@ -34,20 +34,13 @@ import torch
 from torch import Tensor, nn
 
 from .base import LinearOperatorBase
-from .checks import check_finite_parameters, check_materialized, check_no_train_mode_batchnorm
-from .data import DataSource, survey_data
-from .objective import Objective, as_objective
-from .params import ParameterSpace, model_dtype, select_parameters
-from .per_example import (
-    check_chunk_size,
-    check_deterministic_losses,
-    per_example_gradient_chunks,
-)
-
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
+from .checks import check_int
+from .dtypes import working_dtype
+from .empirical_risk import EmpiricalRisk
+from .per_example import check_deterministic_losses, per_example_gradient_chunks
 
 
-class GramOperator(LinearOperatorBase):
+class GramOperator(EmpiricalRisk, LinearOperatorBase):
     r"""The ``N x N`` operator :math:`\frac1N G G^\top` (or its centred form).
 
     ``G`` is computed once, chunk by chunk, and stored (``N x P``); every product is then
@@ -74,6 +67,7 @@ class GramOperator(LinearOperatorBase):
         sample_unit: What one example is (``"example"``, ``"sequence"``).
         normalization: ``"examples"``: the divisor is ``N``, the number of sample units.
         objective: The objective (``None`` for :meth:`from_gradients`).
+        data: The data the rows come from (``None`` for :meth:`from_gradients`).
         space: The flat parameter space of the rows (``None`` for :meth:`from_gradients`).
         normalizer: The loss's ``c`` (``None`` for :meth:`from_gradients`).
         ef_scale: :math:`1/(cN)`, the factor from ``EmpiricalFisherOperator`` to
@@ -97,34 +91,21 @@ class GramOperator(LinearOperatorBase):
         method: str = "auto",
         check_deterministic: bool = True,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        check_materialized(model)
-        chunk_size = check_chunk_size(chunk_size)
-        objective: Objective = as_objective(loss_fn)
-        names, tensors = select_parameters(model, params)
-        space = ParameterSpace.from_parameters(names, tensors)
-        check_finite_parameters(names, tensors)
-        check_no_train_mode_batchnorm(model)
-        source = DataSource(data)
-        total = survey_data(source, objective, model_dtype(model))
+        chunk_size = check_int("chunk_size", chunk_size, minimum=1, allow_none=True)
+        self._set_up_risk(model, loss_fn, data, params)
+        self._survey()
+        objective = self.objective
         if check_deterministic:
-            check_deterministic_losses(model, objective, next(iter(source)), chunk_size)
+            check_deterministic_losses(model, objective, next(iter(self.data)), chunk_size)
         parts: list[Tensor] = []
         methods: list[str] = []
-        for batch in source:
+        for batch in self.data:
             for chunk in per_example_gradient_chunks(
-                model, objective, batch, names, chunk_size=chunk_size, method=method
+                model, objective, batch, self.space.names, chunk_size=chunk_size, method=method
             ):
                 parts.append(chunk.gradients)
                 methods.append(chunk.method)
         self._set_gradients(torch.cat(parts), center, objective.sample_unit)
-        self.model = model
-        self.objective = objective
-        self.space = space
-        self.params = tensors
-        self.total = total
-        self.normalizer = objective.normalizer(total)
         self.ef_scale = 1.0 / (self.normalizer * self.num_examples)
         self.method = "+".join(sorted(set(methods)))
 
@@ -145,7 +126,7 @@ class GramOperator(LinearOperatorBase):
         """
         op = cls.__new__(cls)
         op._set_gradients(gradients, center, sample_unit)
-        op.model = op.objective = op.space = op.params = op.total = None
+        op.model = op.objective = op.space = op.params = op.data = op.total = None
         op.normalizer = op.ef_scale = None
         op.method = "precomputed"
         return op
@@ -195,7 +176,7 @@ class GramOperator(LinearOperatorBase):
 
     # --- product ------------------------------------------------------------------------------
     def _matmat(self, V: Tensor) -> Tensor:
-        work = torch.float32 if self.dtype in _LOW_PRECISION else self.dtype
+        work = working_dtype(self.dtype)
         G = self.gradients.to(work)
         W = V.to(work)
         if self.center:

@@ -55,7 +55,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .checks import as_integer
+from .checks import check_int
 from .losses import LossKind
 from .objective import Count, Objective, Rows, call_with_inputs
 
@@ -91,17 +91,6 @@ def is_hf_model(model: Any) -> bool:
         cls.__name__ == "PreTrainedModel" and cls.__module__.startswith("transformers")
         for cls in type(model).__mro__
     )
-
-
-def _optional_int(name: str, value: Any, minimum: int | None = None) -> int | None:
-    """None, or ``value`` as a Python int (numpy integers too) of at least ``minimum``."""
-    if value is None:
-        return None
-    number = as_integer(value)
-    if number is None or (minimum is not None and number < minimum):
-        bound = "" if minimum is None else f" >= {minimum}"
-        raise ValueError(f"{name} must be None or an int{bound}, got {value!r}")
-    return number
 
 
 # --- attention kernels --------------------------------------------------------------------
@@ -181,9 +170,9 @@ class LanguageModelObjective(Objective):
         pad_token_id: int | None = None,
         strict_padding: bool = False,
     ) -> None:
-        self.vocab_size = _optional_int("vocab_size", vocab_size, minimum=1)
-        self.max_positions = _optional_int("max_positions", max_positions, minimum=1)
-        self.pad_token_id = _optional_int("pad_token_id", pad_token_id)
+        self.vocab_size = check_int("vocab_size", vocab_size, minimum=1, allow_none=True)
+        self.max_positions = check_int("max_positions", max_positions, minimum=1, allow_none=True)
+        self.pad_token_id = check_int("pad_token_id", pad_token_id, allow_none=True)
         if not isinstance(strict_padding, bool):
             raise TypeError(f"strict_padding must be a bool, got {strict_padding!r}")
         self.strict_padding = strict_padding
@@ -392,8 +381,7 @@ class LanguageModelObjective(Objective):
 
     def split(self, batch: Any, size: int) -> list[Any]:
         """Slice every tensor of leading dimension ``N`` into chunks of ``size`` sequences."""
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"micro-batch size must be a positive int, got {size!r}")
+        size = check_int("micro-batch size", size, minimum=1)
         ids, _, _ = self._validate(batch)
         n = int(ids.shape[0])
 

@@ -29,8 +29,8 @@ from torch import Tensor, nn
 SUPPORTED_LOSSES = "nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss"
 
 #: Cross-entropy over this many logits or more uses the closed-form output Hessian in
-#: Hessian products (:class:`_CrossEntropySum`); the two agree to round-off (measured
-#: crossover of a fresh product: ~65k logits; a 512 x 1024 LM head saves 0.7 ms).
+#: Hessian products (:class:`_CrossEntropySum`); the two agree to round-off, and this is
+#: where the closed form starts to pay (docs/decisions.md, Caching across products).
 CLOSED_FORM_CE_MIN_LOGITS = 1 << 16
 
 
@@ -57,12 +57,11 @@ class LossKind:
 
         The same number and gradient; its graph is what a Hessian product differentiates
         again on every product, so it is kept small: the loss's own ``reduction="sum"``
-        (no per-row vector and ``sum`` node: 4 % of an MLP Hessian product), and for
-        cross-entropy over at least :data:`CLOSED_FORM_CE_MIN_LOGITS` logits a gradient
-        whose derivative is the closed-form output Hessian (:class:`_CrossEntropySum`: 5 %
-        of a cached GPT Hessian product). Below that size torch's own is used: the Python
-        autograd functions cost more than the exponentials they save (measured: +0.17 ms
-        on a 6 ms fresh Hessian product of the benchmark MLP, 256 x 10 logits).
+        (no per-row vector and ``sum`` node), and for cross-entropy over at least
+        :data:`CLOSED_FORM_CE_MIN_LOGITS` logits a gradient whose derivative is the
+        closed-form output Hessian (:class:`_CrossEntropySum`). Below that size torch's own
+        is used: the Python autograd functions cost more than the exponentials they save.
+        The measured costs are in docs/decisions.md (Caching across products).
         """
         if self.name == "cross_entropy":
             if F_.numel() >= CLOSED_FORM_CE_MIN_LOGITS:
@@ -136,12 +135,11 @@ class _SoftmaxResidual(torch.autograd.Function):
     :math:`g` (a scalar); its derivative there is :math:`g(\operatorname{diag}(p) - p
     p^\top)`, applied as :math:`g\,p \odot (u - p^\top u)` with the saved ``p``: a row
     dot product, one subtraction and two in-place scalings per Hessian product, where
-    torch's log-softmax double backward recomputes the exponential of every logit (0.6 ms
-    of a 24 ms cached GPT benchmark product), and a separate product by :math:`g` outside
-    this function would allocate one more logits-sized tensor (1.3 ms of 28 ms, measured
-    against the previous version interleaved). ``p`` is a constant here, so derivatives of
-    third order through it would be wrong; nothing in curvops takes them. The derivative
-    in :math:`g` is exact (formed only when asked for).
+    torch's log-softmax double backward recomputes the exponential of every logit, and a
+    separate product by :math:`g` outside this function would allocate one more
+    logits-sized tensor (docs/decisions.md has the measured costs). ``p`` is a constant
+    here, so derivatives of third order through it would be wrong; nothing in curvops
+    takes them. The derivative in :math:`g` is exact (formed only when asked for).
     """
 
     @staticmethod

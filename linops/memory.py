@@ -12,31 +12,32 @@ product on the first one and two examples of the widest batch and fits
 (fixed cost :math:`b_0`, cost per example :math:`b_1`), then picks the largest
 :math:`m` with :math:`\mathrm{bytes}(m) \le` budget.
 
-* **CUDA**: bytes = the peak of ``torch.cuda.max_memory_allocated`` above the memory
-  allocated before the product; budget = ``safety ·`` free memory from
-  ``torch.cuda.mem_get_info`` unless given.
+The measurements are :mod:`curvops.linops.memory_probe`'s:
+
+* **CUDA**: bytes = the product's peak above the memory allocated before it
+  (:func:`~curvops.linops.memory_probe.peak_memory`); budget = ``safety ·`` free memory
+  unless given.
 * **CPU**: bytes = the tensors autograd saves for backward during the product
-  (``torch.autograd.graph.saved_tensors_hooks``, distinct storages, parameters excluded):
-  the activations that dominate a product's memory. Budget = ``memory_budget_bytes``,
-  else ``safety ·`` ``MemAvailable`` from ``/proc/meminfo``; without either nothing is
-  split.
+  (:func:`~curvops.linops.memory_probe.saved_tensor_bytes`, parameters excluded): the
+  activations that dominate a product's memory, counted exactly where a sampled resident
+  set size would be noisy. Budget = ``memory_budget_bytes``, else ``safety ·``
+  ``MemAvailable`` from ``/proc/meminfo``; without either nothing is split.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .cache import available_memory_bytes
+from .checks import check_int, check_real
 from .data import DataSource
+from .memory_probe import available_memory_bytes, peak_memory, saved_tensor_bytes
 from .objective import Objective, as_objective
 
-__all__ = ["MicroBatchPlan", "plan_micro_batches", "saved_tensor_bytes"]
+__all__ = ["MicroBatchPlan", "plan_micro_batches"]
 
 
 @dataclass(frozen=True)
@@ -64,31 +65,6 @@ class MicroBatchPlan:
     def as_dict(self) -> dict[str, Any]:
         """The plan as a plain dict (for result metadata)."""
         return asdict(self)
-
-
-@contextlib.contextmanager
-def saved_tensor_bytes(exclude: Sequence[Tensor] = ()) -> Iterator[Callable[[], int]]:
-    """Count the bytes of distinct storages autograd saves for backward inside the block.
-
-    Args:
-        exclude: Tensors whose storages are not counted (the parameters: they exist anyway).
-
-    Yields:
-        A function returning the bytes counted so far.
-    """
-    seen = {t.untyped_storage().data_ptr() for t in exclude}
-    total = [0]
-
-    def pack(t: Tensor) -> Tensor:
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr not in seen:
-            seen.add(ptr)
-            total[0] += storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        yield lambda: total[0]
 
 
 def _example_width(batch: Any) -> float:
@@ -128,14 +104,9 @@ def _probe_bytes(
     gen = torch.Generator().manual_seed(0)
     v = torch.randn(op.shape[0], generator=gen, dtype=torch.float64).to(op.dtype).to(op.device)
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        out = op.matvec(v)
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
-        del out
-        return int(peak)
+        with peak_memory(device) as peak:
+            op.matvec(v)
+        return int(peak["peak_bytes"])
     with saved_tensor_bytes(exclude=list(model.parameters())) as counted:
         op.matvec(v)
     return counted()
@@ -169,17 +140,15 @@ def plan_micro_batches(
         The plan; ``micro_batch_size`` is ``None`` when whole batches fit.
 
     Raises:
-        ValueError: For a non-positive budget or safety outside ``(0, 1]``.
+        ValueError: For a budget that is not a positive int, or ``safety`` outside
+            ``(0, 1]`` (a wrong type raises :class:`~curvops.linops.checks.NumberTypeError`,
+            a ``ValueError`` too).
         MemoryError: When even one example does not fit the budget.
     """
-    if memory_budget_bytes is not None and (
-        isinstance(memory_budget_bytes, bool)
-        or not isinstance(memory_budget_bytes, int)
-        or memory_budget_bytes <= 0
-    ):
-        raise ValueError(f"memory_budget_bytes must be a positive int, got {memory_budget_bytes!r}")
-    if not 0.0 < safety <= 1.0:
-        raise ValueError(f"safety must lie in (0, 1], got {safety!r}")
+    memory_budget_bytes = check_int(
+        "memory_budget_bytes", memory_budget_bytes, minimum=1, allow_none=True
+    )
+    safety = check_real("safety", safety, above=0, maximum=1)
     objective = as_objective(loss_fn)
     operator_kwargs = dict(operator_kwargs or {})
     batches = list(DataSource(data))

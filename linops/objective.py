@@ -237,7 +237,7 @@ class TorchObjective(Objective):
             C = out.shape[1]
             per_example = math.prod(y.shape[1:]) if n else 0  # no tensor op: every product
             # (N, C) outputs are used as they are: a no-op reshape still adds a view to the
-            # graph, which costs ~3 % of an MLP Hessian product (differentiated twice).
+            # graph, which every Hessian product differentiates twice.
             F_ = out if out.dim() == 2 else out.movedim(1, -1).reshape(-1, C)
             Y = y.reshape(-1)
             ex = torch.arange(n, device=out.device)

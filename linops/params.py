@@ -16,13 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-# Widest first: the flat space takes the first of these present among the parameters.
-_DTYPE_WIDTH = {
-    torch.float64: 4,
-    torch.float32: 3,
-    torch.bfloat16: 2,
-    torch.float16: 1,
-}
+from .dtypes import FLOATING_DTYPES
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
@@ -99,7 +93,7 @@ def select_parameters(
     if not chosen:
         raise ValueError("the parameter selection is empty (no parameter requires grad?)")
     for n, p in chosen:
-        if p.dtype not in _DTYPE_WIDTH:
+        if p.dtype not in FLOATING_DTYPES:
             raise TypeError(
                 f"parameter {n!r} has dtype {p.dtype}; only floating dtypes are supported"
             )
@@ -137,7 +131,7 @@ class ParameterSpace:
                 f"selected parameters live on several devices: {sorted(map(str, devices))}"
             )
         dtypes = tuple(p.dtype for p in params)
-        widest = max(dtypes, key=lambda d: _DTYPE_WIDTH[d])
+        widest = min(dtypes, key=FLOATING_DTYPES.index)  # FLOATING_DTYPES is widest first
         return cls(tuple(names), tuple(p.shape for p in params), dtypes, widest, devices.pop())
 
     @functools.cached_property

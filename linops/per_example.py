@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .autodiff import batched_vjp
-from .checks import as_integer, check_repeatable
+from .checks import check_int, check_repeatable
 from .objective import Objective, TorchObjective, as_objective, call_with_inputs
 from .params import ParameterSpace, select_parameters
 
@@ -246,20 +246,6 @@ def _jacobian_chunk(
 
 
 # --- public entry points -----------------------------------------------------------------------
-def check_chunk_size(chunk_size: Any) -> int | None:
-    """``chunk_size`` as a positive Python int (numpy integers accepted), or ``None``.
-
-    Raises:
-        ValueError: For anything else.
-    """
-    if chunk_size is None:
-        return None
-    size = as_integer(chunk_size)
-    if size is None or size < 1:
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    return size
-
-
 def per_example_gradient_chunks(
     model: nn.Module,
     objective: Any,
@@ -291,7 +277,7 @@ def per_example_gradient_chunks(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    chunk_size = check_chunk_size(chunk_size)
+    chunk_size = check_int("chunk_size", chunk_size, minimum=1, allow_none=True)
     objective = as_objective(objective)
     names, tensors = select_parameters(model, params)
     space = ParameterSpace.from_parameters(names, tensors)

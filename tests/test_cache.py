@@ -17,11 +17,8 @@ from curvops.linops import (
     HessianOperator,
     TorchObjective,
 )
-from curvops.linops.cache import (
-    DEFAULT_BUDGET_FRACTION,
-    available_memory_bytes,
-    parameter_fingerprint,
-)
+from curvops.linops.cache import DEFAULT_BUDGET_FRACTION, parameter_fingerprint
+from curvops.linops.memory_probe import available_memory_bytes
 from curvops.linops.objective import Objective
 from torch import Tensor, nn
 from torch.func import functional_call

@@ -14,7 +14,8 @@ import pytest
 import torch
 from curvops.linops import EmpiricalFisherOperator, GGNOperator, HessianOperator
 from curvops.linops.hf import LanguageModelObjective, attention_product_context, hf_objective
-from curvops.linops.memory import plan_micro_batches, saved_tensor_bytes
+from curvops.linops.memory import plan_micro_batches
+from curvops.linops.memory_probe import saved_tensor_bytes
 from torch.func import functional_call, grad, jvp, vjp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -381,5 +381,5 @@ def test_numpy_reals_scale_and_damp():
     with pytest.raises(TypeError, match="damping must be a real number, got '0.1'"):
         op.damped("0.1")
     for bad in (math.nan, np.float32("inf")):
-        with pytest.raises(ValueError, match="damping must be finite"):
+        with pytest.raises(ValueError, match="damping must be a finite number"):
             op.damped(bad)

@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from curvops.linops.memory_probe import peak_memory
 from scipy.sparse.linalg import LinearOperator, eigsh
 from torch import nn
 
@@ -52,7 +53,6 @@ from ..linops import HessianOperator
 from ..linops.objective import as_objective
 from ..solvers.lanczos import LanczosConfig, lanczos
 from . import bench_lanczos, bench_products
-from .crosscheck import peak_memory
 from .ladder import _to_dtype
 from .zoo import build, classification_data, make_operator, seeded
 

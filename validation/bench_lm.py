@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -66,48 +65,9 @@ import numpy as np  # noqa: E402
 import scipy.sparse.linalg as sla  # noqa: E402
 import torch  # noqa: E402
 from curvops.adapters.seed_api import compute_fisher_eigenvalues_lanczos  # noqa: E402
+from curvops.linops.memory_probe import peak_memory  # noqa: E402
 from torch.func import functional_call, jvp, vjp  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
-
-
-class PeakMemory:
-    """Peak resident memory (CPU, sampled) or allocated memory (CUDA) above the start."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.peak = 0
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def __enter__(self) -> PeakMemory:
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            return self
-        self.base = self._rss()
-        self._stop = threading.Event()
-
-        def sample() -> None:
-            while not self._stop.is_set():
-                self.peak = max(self.peak, self._rss() - self.base)
-                time.sleep(0.005)
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self.base
-            return
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss() - self.base)
 
 
 def build_gpt2(layers: int, width: int, heads: int, vocab: int, seq: int, dtype: torch.dtype):
@@ -177,14 +137,14 @@ def main() -> None:
         n = sum(p.numel() for p in model.parameters())
         rows = []
         for _ in range(a.rounds):
-            with PeakMemory(torch.device("cpu")) as mem_c:
+            with peak_memory(torch.device("cpu")) as mem_c:
                 t = time.perf_counter()
                 ours = compute_fisher_eigenvalues_lanczos(
                     model, batch, k=a.k, max_iter=a.max_iter, ggn_mode="true",
                     micro_batch_size=None,
                 )
                 t_ours = time.perf_counter() - t
-            with PeakMemory(torch.device("cpu")) as mem_r:
+            with peak_memory(torch.device("cpu")) as mem_r:
                 t = time.perf_counter()
                 ref = hand_written_eigsh(model, batch, a.k, ncv=max(a.max_iter, 2 * a.k + 1))
                 t_ref = time.perf_counter() - t
@@ -195,8 +155,10 @@ def main() -> None:
                 "curvops_matvecs": ours["metadata"]["matvecs"], "eigsh_matvecs": ref["matvecs"],
                 "seconds_per_matvec_ratio": (t_ours / ours["metadata"]["matvecs"])
                 / (t_ref / ref["matvecs"]),
-                "curvops_peak_bytes": mem_c.peak, "eigsh_peak_bytes": mem_r.peak,
-                "memory_ratio_curvops_over_eigsh": mem_c.peak / max(mem_r.peak, 1),
+                "curvops_peak_bytes": mem_c["peak_bytes"],
+                "eigsh_peak_bytes": mem_r["peak_bytes"],
+                "memory_ratio_curvops_over_eigsh": (mem_c["peak_bytes"]
+                                                    / max(mem_r["peak_bytes"], 1)),
                 "curvops_top": top_o.tolist(), "eigsh_top": top_r.tolist(),
                 "top1_relative_difference": float(abs(top_o[0] - top_r[0]) / abs(top_r[0])),
                 "curvops_converged": ours["metadata"]["converged"],
@@ -215,13 +177,13 @@ def main() -> None:
         batch = {"input_ids": torch.randint(0, a.bf16_vocab, (2, a.bf16_seq), generator=gen)}
         res = {}
         for name, model in (("fp32", m32), ("bf16", mbf)):
-            with PeakMemory(torch.device("cpu")) as mem:
+            with peak_memory(torch.device("cpu")) as mem:
                 t = time.perf_counter()
                 r = compute_fisher_eigenvalues_lanczos(
                     model, batch, k=a.k, max_iter=a.max_iter, ggn_mode="true",
                     micro_batch_size=None,
                 )
-                res[name] = {"seconds": time.perf_counter() - t, "peak_bytes": mem.peak,
+                res[name] = {"seconds": time.perf_counter() - t, "peak_bytes": mem["peak_bytes"],
                              "top": r["top_eigenvalues"], "reorth": r["metadata"]["reorth"],
                              "rayleigh_ritz": r["metadata"]["rayleigh_ritz"],
                              "dtype": r["metadata"]["dtype"],

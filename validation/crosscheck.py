@@ -35,12 +35,9 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import math
-import os
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 from unittest import mock
@@ -48,6 +45,10 @@ from unittest import mock
 import numpy as np
 import torch
 from curvops.adapters.fisher_spectral import FisherSpectral, SpectralConfig
+from curvops.linops.checks import check_int
+from curvops.linops.dtypes import LOW_PRECISION, dtype_name
+from curvops.linops.memory_probe import peak_memory
+from curvops.linops.registry import OPERATORS
 from curvops.solvers import _lanczos_strategies, _operator_accuracy
 from curvops.solvers.lanczos import LanczosConfig, lanczos
 from scipy.sparse.linalg import LinearOperator, eigsh, lobpcg
@@ -64,57 +65,6 @@ __all__ = [
     "relative_error",
     "wrong_and_converged",
 ]
-
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
-
-
-# --- measurement helpers --------------------------------------------------------------------
-def _rss_bytes() -> int:
-    """Resident set size of this process (Linux ``/proc/self/statm``; 0 elsewhere)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):  # pragma: no cover - non-Linux
-        return 0
-
-
-@contextmanager
-def peak_memory(device: torch.device, interval: float = 0.005) -> Iterator[dict[str, float]]:
-    """Measure the peak memory a block adds, in MiB, into the yielded dict's ``"peak_mb"``.
-
-    CUDA: ``torch.cuda.max_memory_allocated`` above the allocation at entry. CPU: the
-    peak resident set size above the one at entry, sampled by a thread every
-    ``interval`` seconds (torch's CPU allocator has no peak counter; short spikes
-    between samples can be missed, so the figure is a lower bound).
-    """
-    out = {"peak_mb": 0.0}
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        try:
-            yield out
-        finally:
-            torch.cuda.synchronize(device)
-            out["peak_mb"] = max(0, torch.cuda.max_memory_allocated(device) - base) / 2**20
-        return
-    base = _rss_bytes()
-    peak = [base]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.wait(interval):
-            peak[0] = max(peak[0], _rss_bytes())
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        yield out
-    finally:
-        stop.set()
-        thread.join()
-        peak[0] = max(peak[0], _rss_bytes())
-        out["peak_mb"] = max(0, peak[0] - base) / 2**20
 
 
 class _CountingScipyOperator:
@@ -237,7 +187,7 @@ class MethodRunner:
 
     def tolerance(self, dtype: torch.dtype) -> float | None:
         """The tolerance for an operator of ``dtype`` (None: no tolerance stated)."""
-        return self.tolerances.get(str(dtype).replace("torch.", ""))
+        return self.tolerances.get(dtype_name(dtype))
 
 
 METHODS: dict[str, MethodRunner] = {}
@@ -332,7 +282,7 @@ def _run_lobpcg(ctx: CheckContext) -> MethodOutcome:
     counted = _CountingScipyOperator(view)
     block = ctx.k + 2  # two guard vectors speed up convergence of the k-th value
     tol = 1e-9 if view.dtype == np.float64 else 1e-5
-    accept = _LOBPCG_TOL.get(_dtype_name(ctx.dtype), 0.0)
+    accept = _LOBPCG_TOL.get(dtype_name(ctx.dtype), 0.0)
     notes: list[str] = []
     t0 = time.perf_counter()
     with peak_memory(ctx.operator.device) as mem:
@@ -424,7 +374,7 @@ def _guards_removed() -> Iterator[None]:
 
 
 def _bf16_basis_applies(ctx: CheckContext) -> str | None:
-    if ctx.dtype in _LOW_PRECISION:
+    if ctx.dtype in LOW_PRECISION:
         return "the operator is already low precision (the lanczos-* rows use a bf16 basis)"
     return None
 
@@ -445,7 +395,7 @@ def _run_uncached(ctx: CheckContext) -> MethodOutcome:
 
 
 def _gram_applies(ctx: CheckContext) -> str | None:
-    if ctx.operator_name != "ef":
+    if ctx.operator_name not in OPERATORS["empirical_fisher"].names:
         return "the Gram trick computes the empirical Fisher only"
     if ctx.problem is None:
         return "needs the model and data (not only an operator)"
@@ -639,10 +589,6 @@ def wrong_and_converged(
     return int(np.sum(wrong & flags))
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
 def cross_check(
     operator: Any,
     k: int = 5,
@@ -687,8 +633,7 @@ def cross_check(
         ValueError: ``k`` not in ``[1, n)`` or an unknown method name.
     """
     n = int(operator.shape[0])
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < n:
-        raise ValueError(f"k must be an int in [1, n={n}), got {k!r}")
+    k = check_int("k", k, minimum=1, maximum=n - 1)
     runners = []
     for m in methods:
         if isinstance(m, MethodRunner):
@@ -699,7 +644,7 @@ def cross_check(
             raise ValueError(f"unknown method {m!r}; registered: {', '.join(METHODS)}")
     ctx = CheckContext(operator=operator, k=k, problem=problem, **context)
     base = {"model": "", "operator": ctx.operator_name or getattr(operator, "name", ""),
-            **(labels or {}), "dtype": _dtype_name(operator.dtype), "n": n, "k": k}
+            **(labels or {}), "dtype": dtype_name(operator.dtype), "n": n, "k": k}
 
     # Reference-grade methods run first, so every row can be judged when it is printed.
     order = sorted(range(len(runners)), key=lambda i: (
@@ -711,7 +656,7 @@ def cross_check(
         runner = runners[i]
         reason = runner.applies(ctx)
         if reason is None and tolerance is None and runner.tolerance(operator.dtype) is None:
-            reason = f"no tolerance stated for {_dtype_name(operator.dtype)}"
+            reason = f"no tolerance stated for {dtype_name(operator.dtype)}"
         if reason is not None:
             skipped[runner.name] = reason
             continue

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from curvops.linops.dtypes import dtype_name
 
 from .crosscheck import BROKEN_METHOD, METHODS, UNGUARDED_METHOD, MethodRunner
 from .ladder import CheckRecord, LadderRun
@@ -120,7 +121,7 @@ def _meta(run: LadderRun, quick: bool) -> dict[str, Any]:
         "torch": torch.__version__, "python": platform.python_version(),
         "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
         "rungs": [{"name": r.name, "description": r.description,
-                   "dtype": str(r.dtype).replace("torch.", ""), "models": list(r.models),
+                   "dtype": dtype_name(r.dtype), "models": list(r.models),
                    "operators": list(r.operators), "k": r.k} for r in run.rungs],
         "skipped_models": run.skipped_models,
     }

@@ -34,19 +34,16 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from curvops.linops import (
-    EmpiricalFisherOperator,
-    FisherOperator,
-    GGNOperator,
-    HessianOperator,
-)
+from curvops.linops.checks import check_int
 from curvops.linops.hf import hf_objective
+from curvops.linops.registry import SHORT_NAMES, make_operator
 from torch import Tensor, nn
 
 IGNORE_INDEX = -100  # the label HuggingFace and torch's cross-entropy ignore
 
 __all__ = [
     "NOISE_LEVELS",
+    "OPERATORS",
     "ZOO",
     "SYNTHETIC",
     "NoisyOperator",
@@ -56,6 +53,7 @@ __all__ = [
     "build",
     "build_problem",
     "classification_data",
+    "make_operator",
     "token_data",
     "zoo_names",
 ]
@@ -92,8 +90,8 @@ def classification_data(
     Returns:
         A list of ``(X, y)`` batches, ``X`` of shape ``(b, *input_shape)``, ``y`` int64.
     """
-    if num_examples < 1 or num_classes < 2:
-        raise ValueError("need num_examples >= 1 and num_classes >= 2")
+    check_int("num_examples", num_examples, minimum=1)
+    check_int("num_classes", num_classes, minimum=2)
     gen = torch.Generator().manual_seed(seed)
     X = torch.randn(num_examples, *input_shape, generator=gen, dtype=torch.float64)
     teacher = torch.randn(X[0].numel(), num_classes, generator=gen, dtype=torch.float64)
@@ -135,13 +133,11 @@ def token_data(
         ValueError: ``seq_len < 2``, ``min_len`` outside ``[2, seq_len]``, ``vocab_size < 2``
             or ``num_sequences < 1``.
     """
-    if seq_len < 2:
-        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
-    if vocab_size < 2 or num_sequences < 1:
-        raise ValueError("need vocab_size >= 2 and num_sequences >= 1")
+    check_int("seq_len", seq_len, minimum=2)
+    check_int("vocab_size", vocab_size, minimum=2)
+    check_int("num_sequences", num_sequences, minimum=1)
     lo = max(2, seq_len // 2) if min_len is None else min_len
-    if not 2 <= lo <= seq_len:
-        raise ValueError(f"min_len must lie in [2, seq_len], got {lo}")
+    check_int("min_len", lo, minimum=2, maximum=seq_len)
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, vocab_size, (num_sequences, seq_len), generator=gen)
     lengths = torch.randint(lo, seq_len + 1, (num_sequences,), generator=gen)
@@ -511,21 +507,6 @@ def build(name: str, dtype: torch.dtype = torch.float64, seed: int = 0) -> ZooPr
 
 
 # --- operators by name ----------------------------------------------------------------------
-OPERATORS = ("hessian", "ggn", "ef", "fisher_mc")
-
-
-def make_operator(name: str, model: nn.Module, loss_fn: Any, data: Any, **kwargs: Any) -> Any:
-    """A curvature operator by its short name: hessian, ggn, ef, fisher_mc.
-
-    Raises:
-        ValueError: For an unknown name.
-    """
-    if name == "hessian":
-        return HessianOperator(model, loss_fn, data, **kwargs)
-    if name == "ggn":
-        return GGNOperator(model, loss_fn, data, **kwargs)
-    if name == "ef":
-        return EmpiricalFisherOperator(model, loss_fn, data, **kwargs)
-    if name == "fisher_mc":
-        return FisherOperator(model, loss_fn, data, mode="mc", seed=0, **kwargs)
-    raise ValueError(f"unknown operator {name!r}; choose from {', '.join(OPERATORS)}")
+#: The operators the validation runs, by the short names of
+#: :mod:`curvops.linops.registry` (which :func:`make_operator` resolves, aliases too).
+OPERATORS = SHORT_NAMES

@@ -38,13 +38,15 @@ import numpy as np
 import torch
 
 from .adapters import seed_api
+from .linops.dtypes import dtype_from_name, dtype_name
 from .linops.hf import hf_objective, model_limits
+from .linops.registry import SHORT_NAMES, make_operator
 from .solvers.slq import spectral_density
 from .solvers.trace import hutchinson_trace
 from .validation import bench
 from .validation.ladder import FULL_LADDER, QUICK_LADDER, run_ladder, select_rungs
 from .validation.report import format_row, prepare_output_folder, write_report
-from .validation.zoo import ZOO, build, make_operator, token_data
+from .validation.zoo import ZOO, build, token_data
 
 __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_RUNTIME", "EXIT_USAGE", "main"]
 
@@ -53,8 +55,8 @@ EXIT_USAGE = 2  # argparse's code for usage errors; ours share it
 EXIT_RUNTIME = 3
 EXIT_INTERRUPTED = 130  # the shell's code for SIGINT
 
-_OPERATORS = ("hessian", "ggn", "ef", "fisher_mc")
-_DTYPES = {"float64": "float64", "float32": "float32", "bfloat16": "bfloat16"}
+_OPERATORS = SHORT_NAMES  # the operator registry's short names (curvops.linops.registry)
+_DTYPE_CHOICES = ("float64", "float32", "bfloat16")  # what `spectrum --dtype` offers
 # Synthetic token data for transformers models (spectrum --sequences / --seq-len).
 _HF_SEQUENCES = 4
 _HF_SEQ_LEN = 16
@@ -128,7 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-iter", type=_positive_int, default=100)
     s.add_argument("--tol", type=_non_negative_float, default=1e-8)
     s.add_argument("--reorth", default=None, choices=("full", "selective", "partial", "none"))
-    s.add_argument("--dtype", default=None, choices=tuple(_DTYPES),
+    s.add_argument("--dtype", default=None, choices=_DTYPE_CHOICES,
                    help="zoo models (default float32) and HF directories: the model's dtype")
     s.add_argument("--density", action="store_true", help="add the SLQ spectral density")
     s.add_argument("--trace", action="store_true", help="add a Hutchinson trace estimate")
@@ -247,7 +249,7 @@ def _resolve_model(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
     if spec in ZOO:
         _refuse_options(args, ("--sequences", "--seq-len"),
                         f"the zoo model {spec!r} (it brings its own data)")
-        dtype = getattr(torch, args.dtype or "float32")
+        dtype = dtype_from_name(args.dtype or "float32")
         p = build(spec, dtype, args.seed)
         return p.model, p.loss_fn, p.data, f"zoo:{spec}"
     if Path(spec).is_dir():
@@ -265,7 +267,7 @@ def _resolve_model(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
                 else transformers.AutoModelForCausalLM)
         model = auto.from_pretrained(spec, config=config, local_files_only=True)
         if args.dtype:
-            model = model.to(getattr(torch, args.dtype))
+            model = model.to(dtype_from_name(args.dtype))
         return (*_hf_problem(model, args), f"hf-dir:{spec}")
     if ":" in spec:
         _refuse_options(args, ("--dtype",), "a factory (it builds the model in its dtype)")
@@ -293,7 +295,7 @@ def _clean(x: Any) -> Any:
     if isinstance(x, (np.floating, np.integer, np.bool_)):
         return _clean(x.item())
     if isinstance(x, torch.dtype):
-        return str(x).replace("torch.", "")
+        return dtype_name(x)
     if isinstance(x, torch.Tensor):
         return _clean(x.detach().cpu().tolist())
     if isinstance(x, float) and not math.isfinite(x):
@@ -318,9 +320,9 @@ def _spectrum(args: argparse.Namespace) -> int:
         result = seed_api.compute_hessian_eigenvalues_lanczos(
             model, data, k=args.k, max_iter=args.max_iter, **kwargs)
     else:
-        mode = {"ggn": "true", "ef": "empirical", "fisher_mc": "mc"}[args.operator]
         result = seed_api.compute_fisher_eigenvalues_lanczos(
-            model, data, k=args.k, max_iter=args.max_iter, ggn_mode=mode, **kwargs)
+            model, data, k=args.k, max_iter=args.max_iter,
+            ggn_mode=seed_api.ggn_mode_of(args.operator), **kwargs)
     result["model_source"] = source
     if args.density or args.trace:
         op = _operator_for(args.operator, model, loss_fn, data)

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from curvops.linops.memory_probe import peak_memory
 
-from ..crosscheck import peak_memory
 from ..zoo import ZooProblem
 
 __all__ = [
@@ -82,31 +82,19 @@ def measured(device: torch.device) -> Iterator[dict[str, Any]]:
 
     CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` at entry
     (absolute, and above the allocation at entry). CPU: the resident-set peak above entry,
-    sampled (:func:`curvops.validation.crosscheck.peak_memory`, a lower bound).
+    sampled (:func:`curvops.linops.memory_probe.peak_memory`, a lower bound).
     """
     out: dict[str, Any] = {}
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
-        try:
-            yield out
-        finally:
-            with contextlib.suppress(Exception):
-                torch.cuda.synchronize(device)
-            peak = torch.cuda.max_memory_allocated(device)
-            out.update(seconds=time.perf_counter() - t0, allocated_before_bytes=before,
-                       max_memory_allocated_bytes=peak, peak_above_before_bytes=peak - before)
-        return
     t0 = time.perf_counter()
     with peak_memory(device) as mem:
         try:
             yield out
         finally:
             out["seconds"] = time.perf_counter() - t0
-    out["peak_above_before_bytes"] = int(mem["peak_mb"] * 2**20)
-    out["max_memory_allocated_bytes"] = None
+    out["peak_above_before_bytes"] = int(mem["peak_bytes"])
+    out["max_memory_allocated_bytes"] = mem.get("max_allocated_bytes")
+    if device.type == "cuda":
+        out["allocated_before_bytes"] = int(mem["base_bytes"])
 
 
 def move(x: Any, device: torch.device) -> Any:

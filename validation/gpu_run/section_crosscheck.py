@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import torch
+from curvops.linops.dtypes import dtype_from_name
 
 from ..crosscheck import DEFAULT_METHODS, cross_check
 from ..zoo import build
@@ -48,7 +48,7 @@ def run_section(run: Run, section: dict[str, Any], end_time: float) -> None:
             run.recorder.begin(case)
             t0 = time.perf_counter()
             try:
-                problem = on_device(build(model_name, getattr(torch, dtype_name), s.seed),
+                problem = on_device(build(model_name, dtype_from_name(dtype_name), s.seed),
                                     run.device)
                 op = problem.operator(op_name)
                 result = cross_check(

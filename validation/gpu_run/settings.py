@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from curvops.linops.dtypes import dtype_name as linops_dtype_name
 
 __all__ = [
     "CROSSCHECK_LANCZOS_TOL",
@@ -35,7 +36,7 @@ DEFAULT_BUDGET_S = 540.0  # a margin under the device tool's 600 s for the insta
 
 def dtype_name(dtype: torch.dtype | None) -> str | None:
     """``torch.bfloat16`` → ``"bfloat16"`` (None stays None)."""
-    return None if dtype is None else str(dtype).replace("torch.", "")
+    return None if dtype is None else linops_dtype_name(dtype)
 
 
 @dataclasses.dataclass(frozen=True)

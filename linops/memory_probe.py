@@ -1,0 +1,246 @@
+r"""Measuring memory: every primitive curvops and its validation measure memory with.
+
+Four quantities, each measured one way:
+
+* **Available memory** (:func:`available_memory_bytes`): what new tensors may still take on
+  a device; the default budgets of the product cache and of micro-batch planning.
+* **Peak above entry** (:func:`peak_memory`): the most memory a block added at any moment.
+  CUDA: ``torch.cuda.max_memory_allocated`` above the allocation at entry (the
+  allocator's exact count). CPU: the resident set size (:func:`rss_bytes`) sampled by a
+  thread (torch's CPU allocator keeps no peak), a lower bound, since a spike between two
+  samples is missed.
+* **Bytes saved for backward** (:func:`saved_tensor_bytes`): the distinct storages autograd
+  saves while a block runs (``torch.autograd.graph.saved_tensors_hooks``): the activations
+  that dominate a product's memory, counted exactly on any device.
+* **Bytes a result keeps alive** (:func:`graph_bytes`, :func:`measure_held`): a result's
+  own tensors and everything their autograd graph saved (a walk of the graph's
+  ``_saved_*`` tensors), or on CUDA the growth of ``torch.cuda.memory_allocated`` while the
+  result is built and held.
+
+Storages are counted once however many tensors view them; the tensors that exist anyway
+(parameters, buffers) can be excluded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "available_memory_bytes",
+    "graph_bytes",
+    "measure_held",
+    "peak_memory",
+    "rss_bytes",
+    "saved_tensor_bytes",
+]
+
+T = TypeVar("T")
+
+#: Seconds between two samples of the resident set size in :func:`peak_memory` (CPU).
+RSS_SAMPLE_INTERVAL = 0.005
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    """Memory available for new tensors on ``device``, in bytes.
+
+    CUDA: free device memory (``torch.cuda.mem_get_info``). CPU: ``MemAvailable`` from
+    ``/proc/meminfo``, falling back to the number of free physical pages; 0 where neither
+    is known.
+    """
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - exotic platforms
+        return 0
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process (Linux ``/proc/self/statm``; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):  # pragma: no cover - non-Linux
+        return 0
+
+
+@contextlib.contextmanager
+def peak_memory(
+    device: torch.device, interval: float = RSS_SAMPLE_INTERVAL
+) -> Iterator[dict[str, float]]:
+    """Measure the peak memory a block adds above what was in use at entry.
+
+    On exit the yielded dict holds ``"peak_bytes"`` (an int, above the entry),
+    ``"peak_mb"`` (the same in MiB), ``"base_bytes"`` (in use at entry) and, on CUDA,
+    ``"max_allocated_bytes"`` (the absolute peak).
+
+    Args:
+        device: Where the block computes. CUDA: ``torch.cuda.max_memory_allocated``
+            above the allocation at entry (the peak statistics are reset at entry). CPU:
+            the peak resident set size above the one at entry, sampled every
+            ``interval`` seconds by a thread: a lower bound, since short spikes between
+            samples can be missed.
+        interval: Seconds between two samples (CPU only).
+
+    Yields:
+        The dict the figures are written into when the block ends.
+    """
+    out: dict[str, float] = {"peak_bytes": 0, "peak_mb": 0.0, "base_bytes": 0}
+
+    def record(nbytes: int) -> None:
+        out["peak_bytes"] = max(int(nbytes), 0)
+        out["peak_mb"] = out["peak_bytes"] / 2**20
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        out["base_bytes"] = base
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            yield out
+        finally:
+            with contextlib.suppress(Exception):  # a failed kernel must not hide its error
+                torch.cuda.synchronize(device)
+            out["max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+            record(out["max_allocated_bytes"] - base)
+        return
+    base = rss_bytes()
+    out["base_bytes"] = base
+    peak = [base]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(interval):
+            peak[0] = max(peak[0], rss_bytes())
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield out
+    finally:
+        stop.set()
+        thread.join()
+        record(max(peak[0], rss_bytes()) - base)
+
+
+# --- counting storages ------------------------------------------------------------------
+def _storage_key(t: Tensor) -> tuple[str, int]:
+    """What identifies a tensor's storage: views of one storage share it."""
+    return (str(t.device), t.untyped_storage().data_ptr())
+
+
+def _count(storages: dict[tuple[str, int], int], t: Any) -> None:
+    """Record the storage of ``t`` (a tensor with values; anything else is passed over)."""
+    if isinstance(t, Tensor) and t.device.type != "meta":
+        storages[_storage_key(t)] = int(t.untyped_storage().nbytes())
+
+
+def _excluded_total(storages: dict[tuple[str, int], int], exclude: Iterable[Tensor]) -> int:
+    """The bytes of ``storages`` without those of the ``exclude`` tensors."""
+    for t in exclude:
+        storages.pop(_storage_key(t), None)
+    return sum(storages.values())
+
+
+@contextlib.contextmanager
+def saved_tensor_bytes(exclude: Sequence[Tensor] = ()) -> Iterator[Callable[[], int]]:
+    """Count the bytes of distinct storages autograd saves for backward inside the block.
+
+    Args:
+        exclude: Tensors whose storages are not counted (the parameters: they exist anyway).
+
+    Yields:
+        A function returning the bytes counted so far.
+    """
+    storages: dict[tuple[str, int], int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        _count(storages, t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield lambda: _excluded_total(dict(storages), exclude)
+
+
+def _graph_storages(roots: Iterable[Tensor | None]) -> dict[tuple[str, int], int]:
+    """Distinct storages saved for backward in the autograd graph behind ``roots``.
+
+    Walks every node reachable from the roots' ``grad_fn`` and reads its ``_saved_*``
+    attributes (tensors, or tuples/lists of tensors).
+    """
+    stack = [r.grad_fn for r in roots if isinstance(r, Tensor) and r.grad_fn is not None]
+    seen: set[Any] = set()
+    storages: dict[tuple[str, int], int] = {}
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for attr in dir(node):
+            if not attr.startswith("_saved_"):
+                continue
+            try:
+                value = getattr(node, attr)
+            except RuntimeError:  # buffers already freed
+                continue
+            for t in value if isinstance(value, (tuple, list)) else (value,):
+                _count(storages, t)
+        stack.extend(nxt for nxt, _ in node.next_functions)
+    return storages
+
+
+def graph_bytes(tensors: Sequence[Tensor | None], exclude: Iterable[Tensor]) -> int:
+    """Bytes ``tensors`` keep alive: their own storages and everything their graph saved.
+
+    Args:
+        tensors: Graph outputs and plain tensors (``None`` entries are passed over).
+        exclude: Tensors that exist anyway (parameters, buffers): their storages are
+            not counted.
+    """
+    storages = _graph_storages(tensors)
+    for t in tensors:
+        _count(storages, t)
+    return _excluded_total(storages, exclude)
+
+
+def measure_held(
+    device: torch.device,
+    build: Callable[[], T],
+    tensors: Callable[[T], Sequence[Tensor | None]],
+    exclude: Iterable[Tensor],
+) -> tuple[T, int]:
+    """Build a result and measure the memory it keeps alive.
+
+    Args:
+        device: Where ``build`` computes.
+        build: Makes the result.
+        tensors: The result's tensors (graph outputs and plain tensors).
+        exclude: Tensors that exist anyway (CPU count only; on CUDA they were allocated
+            before ``build`` ran).
+
+    Returns:
+        The result and its bytes. CUDA: the growth of ``torch.cuda.memory_allocated``
+        while it was built (the allocator's own count of what is still live). CPU:
+        :func:`graph_bytes` of its tensors.
+    """
+    if device.type == "cuda":
+        before = torch.cuda.memory_allocated(device)
+        result = build()
+        return result, max(torch.cuda.memory_allocated(device) - before, 0)
+    result = build()
+    return result, graph_bytes(tensors(result), exclude)
