@@ -5,6 +5,7 @@ array, a torch tensor, or anything with ``shape`` and ``matvec``.
 """
 
 from ._as_operator import NonFiniteProductError, NonSymmetricOperatorError
+from ._checkpoint import CheckpointError
 from .blocks import assign_blocks, layer_block, layer_index, module_type
 from .lanczos import LanczosConfig, LanczosResult, lanczos
 from .lanczos_coefficients import LanczosCoefficients, lanczos_coefficients
@@ -36,6 +37,7 @@ from .trace import (
 )
 
 __all__ = [
+    "CheckpointError",
     "DiagonalEstimate",
     "DiagonalPreconditioner",
     "LanczosCoefficients",

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
+from curvops.linops.dtypes import TORCH_OF_NUMPY
 
 __all__ = [
     "NonFiniteProductError",
@@ -38,12 +39,6 @@ __all__ = [
 ]
 
 R = TypeVar("R")
-
-_NUMPY_TO_TORCH = {
-    np.dtype(np.float32): torch.float32,
-    np.dtype(np.float64): torch.float64,
-    np.dtype(np.float16): torch.float16,
-}
 
 
 class NonFiniteProductError(ValueError, FloatingPointError):
@@ -248,7 +243,7 @@ def as_operator(A: object) -> TorchOperator:
         if A.ndim != 2:
             raise ValueError(f"a dense operator must be a 2-D matrix, got {A.ndim}-D")
         n = _square_n(A.shape)
-        if A.dtype not in _NUMPY_TO_TORCH:
+        if A.dtype not in TORCH_OF_NUMPY:
             raise TypeError(f"dense operator dtype must be float16/32/64, got {A.dtype}")
         mat = torch.from_numpy(np.ascontiguousarray(A))
         return TorchOperator(n, mat.dtype, mat.device, mat.matmul, mat.matmul)
@@ -280,11 +275,11 @@ def as_operator(A: object) -> TorchOperator:
                              hold if callable(hold) else None)
     # scipy LinearOperator and generic numpy-style objects.
     np_dtype = np.dtype(np.float64) if dtype is None else np.dtype(dtype)
-    if np_dtype not in _NUMPY_TO_TORCH:
+    if np_dtype not in TORCH_OF_NUMPY:
         raise TypeError(f"operator dtype must be float16/32/64, got {np_dtype}")
     return TorchOperator(
         n,
-        _NUMPY_TO_TORCH[np_dtype],
+        TORCH_OF_NUMPY[np_dtype],
         torch.device("cpu"),
         _numpy_product(A.matvec, np_dtype),
         None if own_matmat is None else _numpy_product(own_matmat, np_dtype),

@@ -139,6 +139,16 @@ class GhostFilter:
         self.defect = 0.0
         self.locked: list[tuple[float, float]] = []
 
+    def state_dict(self) -> dict[str, object]:
+        """The locked values and the defect in force, for a checkpoint."""
+        return {"locked": [[float(t), float(b)] for t, b in self.locked],
+                "defect": float(self.defect)}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore what :meth:`state_dict` saved."""
+        self.locked = [(float(t), float(b)) for t, b in state["locked"]]
+        self.defect = float(state["defect"])
+
     def lock(self, values: np.ndarray, bounds: np.ndarray, tnorm: float,
              tol: float) -> np.ndarray:
         """Convergence with locking.

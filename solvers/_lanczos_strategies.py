@@ -28,6 +28,7 @@ import scipy.linalg
 import torch
 
 from ._as_operator import non_finite_product
+from ._checkpoint import host_copy
 from ._cullum_willoughby import GhostFilter
 from ._reorthogonalization import (
     KrylovBasis,
@@ -103,6 +104,21 @@ class Relation:
         """Step j removed ``d`` along the first len(d) cached Ritz vectors."""
         if self.enabled and d.numel():
             self.cache.append((j, d))
+
+    def state_dict(self) -> dict[str, list]:
+        """The recorded coefficients (on the CPU), for a checkpoint."""
+        return {
+            "rows": [[j, None if rows is None else torch.from_numpy(np.array(rows, np.int64)),
+                      host_copy(h)] for j, rows, h in self.rows],
+            "cache": [[j, host_copy(d)] for j, d in self.cache],
+        }
+
+    def load_state_dict(self, state: dict[str, list]) -> None:
+        """Restore what :meth:`state_dict` saved (the coefficients stay on the CPU: they
+        are read on the host at the end anyway)."""
+        self.rows = [(int(j), None if rows is None else rows.numpy(), h)
+                     for j, rows, h in state["rows"]]
+        self.cache = [(int(j), d) for j, d in state["cache"]]
 
     def matrices(self, alpha: np.ndarray, couplings: np.ndarray, g: int):
         """``(C, D)``: C (m, m) with the tridiagonal (``couplings`` = beta_2..beta_m, zero
@@ -212,6 +228,21 @@ class Strategy:
 
     def release(self) -> None:
         """Free what the strategy holds."""
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def state_dict(self, m: int, v_prev: torch.Tensor, v: torch.Tensor) -> dict[str, object]:
+        """Everything the strategy holds after ``m`` iterations, as tensors and plain values.
+
+        Args:
+            m: Iterations done; the next one works on ``v``.
+            v_prev: The loop's previous vector :math:`v_{m-1}`.
+            v: The loop's current vector :math:`v_m`.
+        """
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict[str, object]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Restore :meth:`state_dict`'s state; return the loop's ``(v_prev, v)``."""
+        raise NotImplementedError
 
     # -- shared pieces -------------------------------------------------------------------
     def _cancelled(self, alpha_j: float, beta_j: float, beta_next: float) -> bool:
@@ -373,6 +404,22 @@ class _BasisStrategy(Strategy):
     def release(self) -> None:
         self.basis.release()
 
+    def state_dict(self, m, v_prev, v):
+        # v_prev and v are basis rows m-1 and m: they travel with the basis.
+        return {"relation": self.relation.state_dict(), "basis": self.basis.state_dict(m + 1),
+                "reorths": int(self.reorths), "recoveries": int(self.recoveries)}
+
+    def load_state_dict(self, state):
+        rows = state["basis"]
+        m = int(rows.shape[0]) - 1
+        if m < 1:
+            raise ValueError(f"a checkpoint holds at least two basis rows, this one {m + 1}")
+        self.relation.load_state_dict(state["relation"])
+        self.basis.load_state_dict(rows)
+        self.reorths, self.recoveries = int(state["reorths"]), int(state["recoveries"])
+        ctx = self.ctx
+        return self.basis.get(m - 1, ctx.work, ctx.device), self.basis.get(m, ctx.work, ctx.device)
+
 
 class FullReorth(_BasisStrategy):
     """Classical Gram–Schmidt twice against the whole basis, every iteration."""
@@ -478,6 +525,22 @@ class PartialReorth(_BasisStrategy):
                 "rounding model"
             )
 
+    def state_dict(self, m, v_prev, v):
+        state = super().state_dict(m, v_prev, v)
+        state.update(omega_prev=torch.from_numpy(self.omega_prev.copy()),
+                     omega_cur=torch.from_numpy(self.omega_cur.copy()),
+                     force_idx=torch.from_numpy(np.array(self.force_idx, np.int64)),
+                     boost=float(self.boost))
+        return state
+
+    def load_state_dict(self, state):
+        vectors = super().load_state_dict(state)
+        self.omega_prev = state["omega_prev"].numpy()
+        self.omega_cur = state["omega_cur"].numpy()
+        self.force_idx = state["force_idx"].numpy()
+        self.boost = float(state["boost"])
+        return vectors
+
     def _after_restart(self, m: int) -> None:
         self.omega_cur = np.full(m + 1, self.eps1)
         self.omega_cur[-1] = 1.0
@@ -553,6 +616,17 @@ class SelectiveReorth(_BasisStrategy):
         super().release()
         self.cache.Y.release()
 
+    def state_dict(self, m, v_prev, v):
+        state = super().state_dict(m, v_prev, v)
+        state.update(cache=self.cache.state_dict(), boost=float(self.boost))
+        return state
+
+    def load_state_dict(self, state):
+        vectors = super().load_state_dict(state)
+        self.cache.load_state_dict(state["cache"])
+        self.boost = float(state["boost"])
+        return vectors
+
 
 class NoReorth(Strategy):
     """Three vectors and the Cullum–Willoughby test; Ritz vectors by a second pass."""
@@ -600,6 +674,20 @@ class NoReorth(Strategy):
 
     def advance(self, m, st):
         return self._round(st.w / st.beta_next)
+
+    def state_dict(self, m, v_prev, v):
+        # No basis: the start vector (for the second pass) and the last two vectors.
+        return {"relation": self.relation.state_dict(), "v_start": host_copy(self.v_start),
+                "v_prev": host_copy(v_prev), "v": host_copy(v),
+                "filter": self.filter.state_dict()}
+
+    def load_state_dict(self, state):
+        ctx = self.ctx
+        self.relation.load_state_dict(state["relation"])
+        self.filter.load_state_dict(state["filter"])
+        self.v_start, v_prev, v = (state[key].to(device=ctx.device, dtype=ctx.work)
+                                   for key in ("v_start", "v_prev", "v"))
+        return v_prev, v
 
     def extract(self, m, alpha, beta, beta_next, w_last, want_vectors) -> Extracted:
         ctx = self.ctx

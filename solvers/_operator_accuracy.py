@@ -50,6 +50,14 @@ class AccuracyMonitor:
         """The process precision every threshold uses."""
         return max(self.eps_floor, self.defect)
 
+    def state_dict(self) -> dict[str, float]:
+        """The measured defect (the floor follows from the settings), for a checkpoint."""
+        return {"defect": float(self.defect)}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        """Restore what :meth:`state_dict` saved."""
+        self.defect = float(state["defect"])
+
     def observe(self, t: float, s: float, tnorm: float, iteration: int) -> float:
         """Record one defect :math:`d_j = t - s`; return the ratio by which
         :math:`\\varepsilon_A` grew (1.0 when it did not).

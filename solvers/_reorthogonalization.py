@@ -140,6 +140,31 @@ class KrylovBasis:
             _POOL.give(self.blocks)
         self.blocks = []
 
+    def state_dict(self, rows: int) -> torch.Tensor:
+        """Rows 0..rows-1 as one CPU tensor in the basis dtype, for a checkpoint.
+
+        Copied block by block into a tensor that owns its storage (``torch.save`` of a
+        view would write the whole block).
+        """
+        out = torch.empty(rows, self.n, dtype=self.dtype)
+        start = 0
+        for blk in self._views(rows):
+            out[start : start + blk.shape[0]].copy_(blk)
+            start += blk.shape[0]
+        return out
+
+    def load_state_dict(self, rows: torch.Tensor) -> None:
+        """Restore rows 0..len(rows)-1 from :meth:`state_dict` (same blocks, same bits)."""
+        if rows.ndim != 2 or rows.shape[1] != self.n or rows.dtype != self.dtype:
+            raise ValueError(f"basis rows of shape {tuple(rows.shape)} and dtype {rows.dtype} "
+                             f"do not fit a basis of length {self.n} in {self.dtype}")
+        if rows.shape[0]:
+            self._ensure(rows.shape[0] - 1)
+        start = 0
+        for blk in self._views(rows.shape[0]):
+            blk.copy_(rows[start : start + blk.shape[0]])
+            start += blk.shape[0]
+
     def set(self, j: int, v: torch.Tensor) -> None:
         """Store ``v`` (cast to the basis dtype: the documented rounding) as row j."""
         self._ensure(j)
@@ -483,6 +508,22 @@ class SelectiveCache:
         for r in range(Q.shape[0]):
             self.Y.set(self._count, Q[r])
             self._count += 1
+
+    def state_dict(self) -> dict[str, object]:
+        """The cached vectors, their coefficients and the good bound, for a checkpoint."""
+        return {
+            "coefficients": [torch.from_numpy(np.array(c, dtype=np.float64))
+                             for c in self.coefficients],
+            "vectors": self.Y.state_dict(self._count),
+            "good_bound": float(self.good_bound),
+        }
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore what :meth:`state_dict` saved."""
+        self.coefficients = [c.numpy() for c in state["coefficients"]]
+        self.Y.load_state_dict(state["vectors"])
+        self._count = int(state["vectors"].shape[0])
+        self.good_bound = float(state["good_bound"])
 
     def project(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Orthogonalize ``w`` against every good Ritz vector (one CGS pass; no sync).

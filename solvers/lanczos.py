@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +26,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from curvops.linops.checks import as_integer, as_real
+from curvops.linops.checks import check_int, check_real
+from curvops.linops.dtypes import LOW_PRECISION, working_dtype
 
 from ._as_operator import (
     TorchOperator,
@@ -33,6 +35,14 @@ from ._as_operator import (
     check_vector,
     non_finite_product,
     with_parameters_fixed,
+)
+from ._checkpoint import (
+    Checkpoint,
+    check_checkpoint_settings,
+    host_copy,
+    probe_operator,
+    probe_tolerance,
+    tensor_digest,
 )
 from ._lanczos_strategies import Step, make_strategy
 from ._operator_accuracy import AccuracyMonitor
@@ -45,8 +55,6 @@ __all__ = [
     "LanczosResult",
     "lanczos",
 ]
-
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 @dataclass
@@ -111,6 +119,16 @@ class LanczosConfig:
             true residuals :math:`\\|A y - \\theta y\\|`; a pair that fails, or copies an
             earlier one, is reported not converged with a note. False trusts the residual
             bounds of the tridiagonal (no extra products; ``notes`` says so).
+        checkpoint_path: File to save the run's state to, every ``checkpoint_every``
+            iterations (atomically: a temporary file in the same folder, fsync, rename).
+            A run with the same operator and settings finds it after a crash and resumes
+            from it, bit-identically (``result.notes`` says so); a checkpoint of another
+            operator or other settings is refused with a ``CheckpointError`` (a
+            ValueError). A finished run deletes the file. Its folder must exist. None (the
+            default) saves nothing. Costs one product with a probe vector per run (not
+            counted in ``matvecs``) and the writes. See ``docs/lanczos.md``.
+        checkpoint_every: Iterations between two checkpoints (a positive int); it does not
+            change the result, so a run may resume with another value.
     """
 
     k: int = 5
@@ -132,6 +150,8 @@ class LanczosConfig:
     operator_eps: float | None = None
     measure_orthogonality: bool = True
     verify: bool = True
+    checkpoint_path: str | os.PathLike | None = None
+    checkpoint_every: int = 10
 
     def __post_init__(self) -> None:
         self.validate()
@@ -167,6 +187,8 @@ _KEYWORD_FIELDS = {
     "measure_orthogonality": "measure_orthogonality",
     "record_history": "record_history",
     "progress": "progress",
+    "checkpoint_path": "checkpoint_path",
+    "checkpoint_every": "checkpoint_every",
 }
 _FLAGS = ("return_eigenvectors", "record_history", "progress", "cullum_willoughby",
           "measure_orthogonality", "verify")
@@ -184,19 +206,10 @@ def _check_settings(cfg: LanczosConfig, label: Callable[[str], str]) -> None:
         ValueError: A value out of range or unknown.
         TypeError: A value of the wrong type.
     """
-    k, max_iters = as_integer(cfg.k), as_integer(cfg.max_iters)
-    if k is None or k < 1:
-        raise ValueError(f"{label('k')} must be a positive int, got {cfg.k!r}")
-    if max_iters is None or max_iters < 1:
-        raise ValueError(f"{label('max_iters')} must be a positive int, got {cfg.max_iters!r}")
-    tol = as_real(cfg.tol)
-    if tol is None or not math.isfinite(tol) or tol < 0:
-        raise ValueError(f"{label('tol')} must be a finite number >= 0, got {cfg.tol!r}")
-    period = as_integer(cfg.reorth_period)
-    if period is None or period < 0:
-        raise ValueError(f"{label('reorth_period')} must be an int >= 0, got "
-                         f"{cfg.reorth_period!r}")
-    cfg.k, cfg.max_iters, cfg.tol, cfg.reorth_period = k, max_iters, tol, period
+    cfg.k = check_int(label("k"), cfg.k, minimum=1)
+    cfg.max_iters = check_int(label("max_iters"), cfg.max_iters, minimum=1)
+    cfg.tol = check_real(label("tol"), cfg.tol, minimum=0)
+    cfg.reorth_period = check_int(label("reorth_period"), cfg.reorth_period, minimum=0)
     if cfg.reorth is not None and cfg.reorth not in REORTH:
         raise ValueError(f"unknown {label('reorth')}={cfg.reorth!r}; expected one of {REORTH}")
     if cfg.which not in WHICH:
@@ -220,20 +233,11 @@ def _check_settings(cfg: LanczosConfig, label: Callable[[str], str]) -> None:
         except RuntimeError as err:
             raise ValueError(f"{label('basis_device')}={cfg.basis_device!r} is not a device: "
                              f"{err}") from None
-    seed = as_integer(cfg.seed)
-    if seed is None:
-        raise TypeError(f"{label('seed')} must be an int, got {cfg.seed!r}")
-    jitter = as_real(cfg.regularization)
-    if jitter is None or not math.isfinite(jitter) or jitter < 0:
-        raise ValueError(f"{label('regularization')} must be a finite number >= 0, got "
-                         f"{cfg.regularization!r}")
-    cfg.seed, cfg.regularization = seed, jitter
-    if cfg.operator_eps is not None:
-        eps = as_real(cfg.operator_eps)
-        if eps is None or not 0 < eps < 1:
-            raise ValueError(f"{label('operator_eps')} must be None or a number in (0, 1), got "
-                             f"{cfg.operator_eps!r}")
-        cfg.operator_eps = eps
+    cfg.seed = check_int(label("seed"), cfg.seed)
+    cfg.regularization = check_real(label("regularization"), cfg.regularization, minimum=0)
+    cfg.operator_eps = check_real(
+        label("operator_eps"), cfg.operator_eps, above=0, below=1, allow_none=True
+    )
     for name in _FLAGS:
         value = getattr(cfg, name)
         if not isinstance(value, bool | np.bool_):
@@ -247,6 +251,8 @@ def _check_settings(cfg: LanczosConfig, label: Callable[[str], str]) -> None:
     if cfg.rayleigh_ritz and cfg.strategy != "full":
         raise ValueError(f"{label('rayleigh_ritz')}=True needs {label('reorth')}='full' (it "
                          "uses its coefficients)")
+    cfg.checkpoint_every = check_checkpoint_settings(cfg.checkpoint_path, cfg.checkpoint_every,
+                                                     label)
 
 
 class _FromConfig:
@@ -320,6 +326,12 @@ class LanczosResult:
         verified: Whether the values were checked against true residuals.
         verification_matvecs: Products spent on the verification (included in
             ``matvecs``).
+        fingerprint_matvecs: Products spent on the checkpoint's fingerprint (one probe
+            product when ``checkpoint_path`` is given, else 0); not in ``matvecs``.
+        resumed_from: The iteration the run resumed from a checkpoint after (0: it
+            started afresh). ``matvecs`` then counts the products before that checkpoint
+            (saved in it) and those of this call, as an uninterrupted run would.
+        checkpoint_seconds: Wall time spent writing checkpoints (in ``seconds_other``).
     """
 
     eigenvalues: np.ndarray
@@ -346,6 +358,9 @@ class LanczosResult:
     operator_accuracy: float = float("nan")
     verified: bool = False
     verification_matvecs: int = 0
+    fingerprint_matvecs: int = 0
+    resumed_from: int = 0
+    checkpoint_seconds: float = 0.0
 
     @property
     def all_converged(self) -> bool:
@@ -445,11 +460,6 @@ def _start_vector(v0: object, n: int, device: torch.device, work: torch.dtype) -
     return v / nrm
 
 
-def _work_dtype(dtype_compute: torch.dtype) -> torch.dtype:
-    # Arithmetic on the current vectors: float64 for a float64 basis, else float32.
-    return torch.float64 if dtype_compute == torch.float64 else torch.float32
-
-
 def _progress_bar(total: int, enabled: bool):
     if not enabled:
         return None
@@ -489,6 +499,8 @@ def lanczos(
     measure_orthogonality: bool = _DEFAULT.measure_orthogonality,
     record_history: bool = _DEFAULT.record_history,
     progress: bool = _DEFAULT.progress,
+    checkpoint_path: str | os.PathLike | None = _DEFAULT.checkpoint_path,
+    checkpoint_every: int = _DEFAULT.checkpoint_every,
     config: LanczosConfig | None = None,
 ) -> LanczosResult:
     """Extreme eigenvalues (and vectors) of a symmetric operator by Lanczos.
@@ -535,6 +547,13 @@ def lanczos(
             end); False reports NaN.
         record_history: Keep all Ritz values of every iteration.
         progress: Show a tqdm progress bar (the ``progress`` extra).
+        checkpoint_path: Save the run's state to this file every ``checkpoint_every``
+            iterations, atomically; a run with the same operator and settings resumes from
+            it after a crash (bit-identical result; ``notes`` says so); a finished run
+            deletes it. A checkpoint of another operator or other settings, or a damaged
+            one, is refused (``CheckpointError``). Costs one probe product (counted in
+            ``fingerprint_matvecs``, not ``matvecs``) and the writes.
+        checkpoint_every: Iterations between two checkpoints (positive int).
         config: All settings as one :class:`LanczosConfig`; see above for how it combines
             with the keywords.
 
@@ -546,7 +565,9 @@ def lanczos(
             setting or v0; :class:`NonSymmetricOperatorError` (a ValueError) for an
             operator whose products are clearly not symmetric (measured in the first
             iterations; the message gives the defect); :class:`NonFiniteProductError` (a
-            ValueError and FloatingPointError) for a product with NaN/Inf.
+            ValueError and FloatingPointError) for a product with NaN/Inf;
+            :class:`CheckpointError` (a ValueError) for a checkpoint of another operator
+            or other settings, or a damaged one (the message names what differs).
         TypeError: Unsupported operator, config, setting or v0 types.
     """
     t_start = time.perf_counter()
@@ -560,6 +581,7 @@ def lanczos(
             ("cullum_willoughby", cullum_willoughby),
             ("measure_orthogonality", measure_orthogonality),
             ("record_history", record_history), ("progress", progress),
+            ("checkpoint_path", checkpoint_path), ("checkpoint_every", checkpoint_every),
         )
         if not isinstance(value, _FromConfig) and not (key == "k" and value is None)
     }
@@ -579,6 +601,8 @@ def lanczos(
         v = v / torch.linalg.vector_norm(v)
     else:
         v = _start_vector(v0, n, run.device, run.work)
+    if cfg.checkpoint_path is not None:
+        run.open_checkpoint(v)
     return run.solve(v)
 
 
@@ -614,12 +638,12 @@ class _Run:
         self.strategy_name = cfg.strategy
         self.n, self.device = op.n, op.device
         self.dtype_c = op.dtype if cfg.dtype_compute is None else cfg.dtype_compute
-        self.work = _work_dtype(self.dtype_c)
+        self.work = working_dtype(self.dtype_c)  # arithmetic on the current vectors
         self.basis_device = (self.device if cfg.basis_device is None
                              else torch.device(cfg.basis_device))
         use_rr = cfg.rayleigh_ritz
         if use_rr is None:
-            use_rr = self.strategy_name == "full" and self.dtype_c in _LOW_PRECISION
+            use_rr = self.strategy_name == "full" and self.dtype_c in LOW_PRECISION
         self.use_rr = bool(use_rr)
         self.verify = cfg.verify
         self.gen = torch.Generator(device="cpu").manual_seed(int(cfg.seed))
@@ -648,6 +672,8 @@ class _Run:
         self.vec_bytes = self.n * torch.empty(0, dtype=self.work).element_size()
         self.pbar = None
         self._wbuf: torch.Tensor | None = None
+        self.checkpoint: Checkpoint | None = None
+        self.resumed_from = 0
 
     # -- the precision of the process, as measured so far ----------------------------
     @property
@@ -708,27 +734,36 @@ class _Run:
     def solve(self, v0: torch.Tensor) -> LanczosResult:
         strat = make_strategy(self.strategy_name, self)
         try:
+            resume = self._resume(strat)
             self.pbar = _progress_bar(self.cfg.max_iters, self.cfg.progress)
             try:
-                m, alpha, beta, beta_next, w_last = self._iterate(strat, v0)
+                m, alpha, beta, beta_next, w_last = self._iterate(strat, v0, resume)
             finally:
                 if self.pbar is not None:
                     self.pbar.close()
             ext = strat.extract(m, alpha, beta, beta_next, w_last,
                                 self.cfg.return_eigenvectors)
-            return self._finish(strat, ext, m)
+            result = self._finish(strat, ext, m)
+            if self.checkpoint is not None:
+                self.checkpoint.remove()  # the run is done: nothing is left to resume
+            return result
         finally:
             strat.release()
 
-    def _iterate(self, strat, v0: torch.Tensor):
-        v = strat.begin(v0)
-        alpha: list[float] = []
-        beta: list[float] = [0.0]  # beta[j] couples v_{j-1} and v_j
-        v_prev = None
-        s_pending = None  # v_j^T A v_{j-1}, for the defect of the next step
+    def _iterate(self, strat, v0: torch.Tensor, resume=None):
+        if resume is None:
+            v = strat.begin(v0)
+            alpha: list[float] = []
+            beta: list[float] = [0.0]  # beta[j] couples v_{j-1} and v_j
+            v_prev = None
+            s_pending = None  # v_j^T A v_{j-1}, for the defect of the next step
+            m = 0
+        else:
+            m, alpha, beta, v_prev, v, s_pending = resume
+            if self.pbar is not None:
+                self.pbar.update(m)
         st = None
-        m = 0
-        for j in range(self.m_max):
+        for j in range(m, self.m_max):
             u = self.apply(v)
             w, a1 = self.three_term(u, v, v_prev, beta[j])
             alpha_t = strat.orthogonalize(j, w, a1)
@@ -780,7 +815,88 @@ class _Run:
             beta.append(st.beta_next)
             s_pending = _dot_with(v_next, u)
             v_prev, v = v, v_next
+            if self.checkpoint is not None and self.checkpoint.due(m):
+                self.checkpoint.save(self._state(strat, m, alpha, beta, v_prev, v, s_pending))
         return m, alpha, beta, st.beta_next, st.w
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def open_checkpoint(self, v0: torch.Tensor) -> None:
+        """Fingerprint the operator (one probe product, not in ``matvecs``) and the
+        settings, for the checkpoints of this run and the refusal of another run's."""
+        cfg = self.cfg
+        settings = {
+            # Keyword names (what the user passes); the resolved values where a None
+            # default resolves (the same result either way).
+            "k": cfg.k, "which": cfg.which, "tol": cfg.tol, "maxiter": cfg.max_iters,
+            "reorth": self.strategy_name, "seed": cfg.seed,
+            "v0 (the start vector's SHA-256)": tensor_digest(v0),
+            "basis_dtype": self.dtype_c, "basis_device": self.basis_device,
+            "rayleigh_ritz": self.use_rr, "rayleigh_ritz_jitter": cfg.regularization,
+            "operator_eps": cfg.operator_eps, "verify": cfg.verify,
+            "return_eigenvectors": cfg.return_eigenvectors,
+            "record_history": cfg.record_history, "cullum_willoughby": cfg.cullum_willoughby,
+            "measure_orthogonality": cfg.measure_orthogonality,
+        }
+        self.checkpoint = Checkpoint(
+            cfg.checkpoint_path, cfg.checkpoint_every, probe_operator(self.op),
+            {name: str(value) for name, value in settings.items()},
+            probe_tolerance(self.op.dtype, cfg.operator_eps),
+        )
+
+    def _state(self, strat, m: int, alpha: list[float], beta: list[float],
+               v_prev: torch.Tensor, v: torch.Tensor, s_pending: torch.Tensor) -> dict:
+        """The run's state after ``m`` iterations: tensors and plain values only."""
+        return {
+            "m": m, "alpha": [float(a) for a in alpha], "beta": [float(b) for b in beta],
+            "s_pending": host_copy(s_pending), "matvecs": self.matvecs,
+            "breakdowns": self.breakdowns, "anorm": float(self.anorm),
+            "notes": list(self.notes),
+            "history": (None if self.history is None
+                        else [torch.from_numpy(np.array(h, np.float64)) for h in self.history]),
+            "generator": self.gen.get_state(), "monitor": self.monitor.state_dict(),
+            "peak_memory_bytes": int(self.ledger.peak),
+            "strategy": strat.state_dict(m, v_prev, v),
+        }
+
+    def _resume(self, strat):
+        """The loop state of the checkpoint this run resumes, or None to start afresh."""
+        if self.checkpoint is None:
+            return None
+        state = self.checkpoint.load()
+        if state is None:
+            return None
+        try:
+            loop = self._load_state(strat, state)
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError,
+                AttributeError) as err:
+            # The fingerprint matched, so a state that does not fit is a damaged file.
+            raise self.checkpoint.damaged(err) from err
+        self.notes.append(
+            f"resumed from the checkpoint {str(self.checkpoint.path)!r} after iteration "
+            f"{self.resumed_from}: matvecs counts the {self.matvecs} "
+            "products before it and those of this call; the fingerprint's probe product is "
+            "not counted"
+        )
+        return loop
+
+    def _load_state(self, strat, state: dict):
+        m = int(state["m"])
+        alpha = [float(a) for a in state["alpha"]]
+        beta = [float(b) for b in state["beta"]]
+        if not (1 <= m < self.m_max and len(alpha) == m and len(beta) == m + 1):
+            raise ValueError(f"iteration {m} with {len(alpha)} alphas and {len(beta)} betas")
+        self.matvecs = int(state["matvecs"])
+        self.breakdowns = int(state["breakdowns"])
+        self.anorm = float(state["anorm"])
+        self.notes = [str(note) for note in state["notes"]]
+        if self.history is not None:
+            self.history = [h.numpy() for h in state["history"]]
+        self.gen.set_state(state["generator"])
+        self.monitor.load_state_dict(state["monitor"])
+        v_prev, v = strat.load_state_dict(state["strategy"])
+        self.ledger.peak = max(self.ledger.peak, int(state["peak_memory_bytes"]))
+        self.resumed_from = m
+        return m, alpha, beta, v_prev, v, state["s_pending"].to(self.device)
 
     # -- verification and the result ----------------------------------------------------
     def _note_multiplicity(self, values: np.ndarray, residuals: np.ndarray) -> None:
@@ -867,4 +983,7 @@ class _Run:
             operator_accuracy=float(accuracy),
             verified=verified,
             verification_matvecs=self.matvecs - mv_before if ext.AY is None else 0,
+            fingerprint_matvecs=0 if self.checkpoint is None else 1,
+            resumed_from=self.resumed_from,
+            checkpoint_seconds=0.0 if self.checkpoint is None else self.checkpoint.seconds,
         )

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from curvops.linops.checks import as_integer
+from curvops.linops.checks import check_int
 
 from ._as_operator import as_operator, check_vector, non_finite_product, with_parameters_fixed
 
@@ -94,10 +94,7 @@ def lanczos_coefficients(
         raise ValueError(f"reorth must be one of {COEFFICIENT_REORTH}, got {reorth!r}")
     check_vector(start, "start", op.n, dtype=op.dtype, device=op.device, block=True,
                  nonzero=True)
-    checked = as_integer(steps)
-    if checked is None or not 1 <= checked <= op.n:
-        raise ValueError(f"steps must be an int in [1, n={op.n}], got {steps!r}")
-    steps = checked
+    steps = check_int("steps", steps, minimum=1, maximum=op.n)
     V = start[:, None] if start.ndim == 1 else start
     norms = _column_dots(V, V).sqrt()
     n, P = V.shape

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from curvops.linops.checks import as_integer, as_real
+from curvops.linops.checks import check_int, check_real
 from torch import Tensor
 
 from ._as_operator import (
@@ -238,28 +238,6 @@ def _check_rhs(op: TorchOperator, b: object, name: str = "b") -> Tensor:
     return check_vector(b, name, op.n, dtype=op.dtype, device=op.device)
 
 
-def _check_maxiter(maxiter: object) -> int | None:
-    """``maxiter`` as an int >= 1, or None (the solver's default)."""
-    if maxiter is None:
-        return None
-    value = as_integer(maxiter)
-    if value is None:
-        raise TypeError(f"maxiter must be an int or None, got {type(maxiter).__name__}")
-    if value < 1:
-        raise ValueError(f"maxiter must be >= 1, got {maxiter}")
-    return value
-
-
-def _check_real(name: str, value: object, *, nonnegative: bool) -> float:
-    real = as_real(value)
-    if real is None:
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(real) or (nonnegative and real < 0):
-        raise ValueError(f"{name} must be finite{' and >= 0' if nonnegative else ''}, got "
-                         f"{value}")
-    return real
-
-
 def _check_settings(
     op: TorchOperator,
     damping: object,
@@ -270,10 +248,10 @@ def _check_settings(
 ) -> tuple[float, float, float, int]:
     """Every setting of a solve, checked before any product: ``(damping, tol, atol,
     maxiter)`` with ``maxiter`` defaulting to 10 n."""
-    damping = _check_real("damping", damping, nonnegative=False)
-    tol = _check_real("tol", tol, nonnegative=True)
-    atol = _check_real("atol", atol, nonnegative=True)
-    checked = _check_maxiter(maxiter)
+    damping = check_real("damping", damping)
+    tol = check_real("tol", tol, minimum=0)
+    atol = check_real("atol", atol, minimum=0)
+    checked = check_int("maxiter", maxiter, minimum=1, allow_none=True)
     if tol == 0 and atol == 0 and checked is None:
         raise ValueError("tol = atol = 0 needs an explicit maxiter")
     if preconditioner is not None and not callable(preconditioner):
@@ -583,7 +561,7 @@ def natural_gradient(
         )
     if method not in ("cg", "minres"):
         raise ValueError(f"method must be 'cg' or 'minres', got {method!r}")
-    maxiter = _check_maxiter(maxiter)
+    maxiter = check_int("maxiter", maxiter, minimum=1, allow_none=True)
     names = tuple(F.param_names)
     as_dict = isinstance(gradient, Mapping)
     if gradient is None:

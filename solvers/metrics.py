@@ -17,13 +17,12 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+from curvops.linops.checks import check_real
 
 
 def _check_eps(eps: float) -> float:
-    eps = float(eps)
-    if not (0.0 <= eps < 1.0):
-        raise ValueError(f"eps must be a relative threshold in [0, 1), got {eps}")
-    return eps
+    """``eps``, a relative threshold in ``[0, 1)``."""
+    return check_real("eps", eps, minimum=0, below=1)
 
 
 def _nonnegative(values: np.ndarray | Sequence[float], eps: float) -> np.ndarray:

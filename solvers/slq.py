@@ -40,17 +40,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from curvops.linops.checks import check_int, check_real
 
 from ._as_operator import as_operator, with_parameters_fixed
 from ._tridiagonal import tridiag_eigh
 from .lanczos_coefficients import COEFFICIENT_REORTH, lanczos_coefficients
-from .trace import (
-    TraceEstimate,
-    check_count,
-    check_seed,
-    dots,
-    rademacher_or_gaussian_probes,
-)
+from .trace import TraceEstimate, dots, rademacher_or_gaussian_probes
 
 __all__ = [
     "QuadratureRule",
@@ -184,9 +179,9 @@ def slq_quadrature(
             with NaN/Inf.
     """
     op = as_operator(A)
-    num_probes = check_count("num_probes", num_probes)
-    lanczos_steps = check_count("lanczos_steps", lanczos_steps)
-    seed = check_seed(seed)
+    num_probes = check_int("num_probes", num_probes, minimum=1)
+    lanczos_steps = check_int("lanczos_steps", lanczos_steps, minimum=1)
+    seed = check_int("seed", seed)
     if lanczos_steps > op.n:
         raise ValueError(
             f"lanczos_steps={lanczos_steps} exceeds the dimension n={op.n} (a Krylov space has "
@@ -269,9 +264,8 @@ def spectral_density(
         ValueError: Bad sizes, a non-positive ``sigma``/grid, or a log scale whose largest
             node is not positive.
     """
-    num_points = check_count("num_points", num_points, 2)
-    if sigma is not None and not (math.isfinite(sigma) and sigma > 0):
-        raise ValueError(f"sigma must be a positive finite number, got {sigma}")
+    num_points = check_int("num_points", num_points, minimum=2)
+    sigma = check_real("sigma", sigma, above=0, allow_none=True)
     if log_floor is not None and not log_scale:
         raise ValueError("log_floor applies to the log scale only (log_scale=True)")
     if grid is not None:
@@ -415,9 +409,7 @@ def log_determinant(
         ValueError: If ``damping < 0`` or some Ritz value plus damping is not positive
             (``A + λI`` is then not positive definite: increase ``damping``).
     """
-    damping = float(damping)
-    if not (math.isfinite(damping) and damping >= 0):
-        raise ValueError(f"damping must be a finite number >= 0, got {damping}")
+    damping = check_real("damping", damping, minimum=0)
     rule = quadrature or slq_quadrature(
         A, num_probes=num_probes, lanczos_steps=lanczos_steps, probe=probe, reorth=reorth,
         seed=seed,

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from curvops.linops.checks import as_integer
+from curvops.linops.checks import check_int
 from torch import Tensor
 
 from ._as_operator import as_operator, non_finite_product, with_parameters_fixed
@@ -135,24 +135,6 @@ def rademacher_or_gaussian_probes(
     return block.to(dtype=dtype, device=device)
 
 
-def check_count(name: str, value: object, minimum: int = 1) -> int:
-    """``value`` as an int ≥ ``minimum``, else a clear error."""
-    count = as_integer(value)
-    if count is None:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if count < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return count
-
-
-def check_seed(seed: object) -> int:
-    """An explicit integer seed (no global RNG)."""
-    value = as_integer(seed)
-    if value is None:
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    return value
-
-
 def _finite(values: np.ndarray | Tensor, solver: str) -> None:
     """Refuse results of products that hold NaN/Inf (one reduction)."""
     ok = bool(torch.isfinite(values).all()) if isinstance(values, Tensor) else bool(
@@ -169,7 +151,7 @@ def _mean_and_error(samples: np.ndarray) -> tuple[float, float]:
 
 
 def _probe_blocks(num: int, block_size: int | None) -> list[tuple[int, int]]:
-    size = num if block_size is None else check_count("block_size", block_size)
+    size = num if block_size is None else check_int("block_size", block_size, minimum=1)
     return [(s, min(s + size, num)) for s in range(0, num, size)]
 
 
@@ -200,8 +182,8 @@ def hutchinson_trace(
         The estimate with its standard error.
     """
     op = as_operator(A)
-    num_probes = check_count("num_probes", num_probes)
-    seed = check_seed(seed)
+    num_probes = check_int("num_probes", num_probes, minimum=1)
+    seed = check_int("seed", seed)
     V_all = rademacher_or_gaussian_probes(op.n, num_probes, probe, seed, op.dtype, op.device)
     samples = torch.empty(num_probes, dtype=torch.float64)
     for start, stop in _probe_blocks(num_probes, block_size):
@@ -243,8 +225,8 @@ def hutchpp_trace(
         The estimate; ``standard_error`` is the one of the deflated Hutchinson part.
     """
     op = as_operator(A)
-    matvecs = check_count("matvecs", matvecs, 3)
-    seed = check_seed(seed)
+    matvecs = check_int("matvecs", matvecs, minimum=3)
+    seed = check_int("seed", seed)
     k = matvecs // 3
     if k > op.n:
         raise ValueError(f"Hutch++ with matvecs={matvecs} needs k = {k} <= n = {op.n} probes")
@@ -291,8 +273,8 @@ def hutchinson_diagonal(
         The estimate and its per-entry standard error (float64, on the operator's device).
     """
     op = as_operator(A)
-    num_probes = check_count("num_probes", num_probes, 2)
-    seed = check_seed(seed)
+    num_probes = check_int("num_probes", num_probes, minimum=2)
+    seed = check_int("seed", seed)
     V_all = rademacher_or_gaussian_probes(op.n, num_probes, probe, seed, op.dtype, op.device)
     total = torch.zeros(op.n, dtype=torch.float64, device=op.device)
     total_sq = torch.zeros_like(total)
@@ -323,7 +305,7 @@ def exact_diagonal(A: object, *, chunk_size: int = 64) -> DiagonalEstimate:
         The diagonal (float64, on the operator's device), with zero standard error.
     """
     op = as_operator(A)
-    chunk_size = check_count("chunk_size", chunk_size)
+    chunk_size = check_int("chunk_size", chunk_size, minimum=1)
     diag = torch.empty(op.n, dtype=torch.float64, device=op.device)
     for start in range(0, op.n, chunk_size):
         stop = min(start + chunk_size, op.n)
