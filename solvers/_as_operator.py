@@ -25,8 +25,10 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
+import scipy.sparse
 import torch
 from curvops.linops.dtypes import TORCH_OF_NUMPY
+from scipy.sparse.linalg import aslinearoperator
 
 __all__ = [
     "NonFiniteProductError",
@@ -248,15 +250,8 @@ def as_operator(A: object) -> TorchOperator:
         mat = torch.from_numpy(np.ascontiguousarray(A))
         return TorchOperator(n, mat.dtype, mat.device, mat.matmul, mat.matmul)
 
-    try:  # scipy sparse matrices have shape and dot but no matvec
-        import scipy.sparse as sp
-
-        if sp.issparse(A):
-            from scipy.sparse.linalg import aslinearoperator
-
-            A = aslinearoperator(A)
-    except ImportError:  # pragma: no cover - scipy is a dependency
-        pass
+    if scipy.sparse.issparse(A):  # sparse matrices have shape and dot but no matvec
+        A = aslinearoperator(A)
 
     if not (hasattr(A, "shape") and callable(getattr(A, "matvec", None))):
         raise TypeError(
