@@ -35,10 +35,7 @@ def test_validate_writes_report_and_exits_zero(tmp_path, capsys):
                          "lanczos-none"}
     assert all(r["status"] == "pass" and r["tolerance"] == 2e-2 for r in bf16.values())
     # The reference is the fp32 run of the *same* weights: the bf16-rounded ones, widened.
-    from curvops.validation.ladder import _to_dtype
-
-    rounded = _to_dtype(_to_dtype(zoo.build("mlp", torch.float32), torch.bfloat16),
-                        torch.float64)
+    rounded = zoo.build("mlp", torch.float32).to(torch.bfloat16).to(torch.float64)
     exact = _dense_top(rounded.model, rounded.loss_fn, rounded.data, "ggn", 3)
     ref = next(r for r in rows if r["rung"] == "bf16-vs-fp32 (fp32 ref)"
                and r["method"] == "dense")

@@ -53,7 +53,6 @@ from ..linops import HessianOperator
 from ..linops.objective import as_objective
 from ..solvers.lanczos import LanczosConfig, lanczos
 from . import bench_lanczos, bench_products
-from .ladder import _to_dtype
 from .zoo import build, classification_data, make_operator, seeded
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -229,7 +228,7 @@ def run_scaling(models: list[str], bf16_models: list[str], seed: int = 0) -> dic
         for name in names:
             p = build(name, torch.float32, seed)
             if dtype != torch.float32:
-                p = _to_dtype(p, dtype)
+                p = p.to(dtype)
             params = [q for q in p.model.parameters() if q.requires_grad]
 
             def gradient_pass(p: Any = p, params: list = params) -> None:

@@ -39,7 +39,6 @@ SLQ densities, dense spectra).
 from __future__ import annotations
 
 import contextlib
-import copy
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -248,21 +247,6 @@ def _slq_density(op: Any, n: int) -> dict[str, Any]:
             "matvecs": int(dens.quadrature.matvecs), "seconds": time.perf_counter() - t0}
 
 
-def _to_dtype(problem: ZooProblem, dtype: torch.dtype) -> ZooProblem:
-    """The same weights and data in ``dtype`` (rounded once; integer tensors unchanged)."""
-    def cast(x: Any) -> Any:
-        if isinstance(x, torch.Tensor):
-            return x.to(dtype) if x.is_floating_point() else x
-        if isinstance(x, (tuple, list)):
-            return type(x)(cast(t) for t in x)
-        if isinstance(x, dict):
-            return {key: cast(v) for key, v in x.items()}
-        return x
-
-    model = copy.deepcopy(problem.model).to(dtype).eval()
-    return replace(problem, model=model, data=cast(problem.data), dtype=dtype)
-
-
 def select_rungs(
     rungs: Sequence[Rung],
     models: Sequence[str] | None = None,
@@ -368,7 +352,7 @@ def _run_task(
 
 def _build_for(rung: Rung, model: str, seed: int) -> ZooProblem | SpectrumProblem:
     if rung.reference == "fp32":  # the bf16 problem is the fp32 one, rounded once
-        return _to_dtype(build(model, torch.float32, seed), rung.dtype)
+        return build(model, torch.float32, seed).to(rung.dtype)
     return build_problem(model, rung.dtype, seed)
 
 
@@ -382,7 +366,7 @@ def _fp32_reference(
     # only by the arithmetic of the products, not by the rounding of the weights.
     key = (model, "torch.float32 (rounded to bfloat16)")
     if key not in problems:
-        problems[key] = _to_dtype(problems[(model, str(rung.dtype))], torch.float32)
+        problems[key] = problems[(model, str(rung.dtype))].to(torch.float32)
     problem32 = problems[key]
     op32 = problem32.operator(op_name)
     methods = ("dense", "eigsh", "lanczos-full") if ZOO[model].dense_ok else (

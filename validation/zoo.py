@@ -27,8 +27,9 @@ double backward and forward-mode AD by itself), used as they are (no wrapper), w
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -286,6 +287,20 @@ class ZooProblem:
     def operator(self, operator: str, **kwargs: Any) -> Any:
         """The curvature operator named ``operator`` on this problem (see :data:`OPERATORS`)."""
         return make_operator(operator, self.model, self.loss_fn, self.data, **kwargs)
+
+    def to(self, dtype: torch.dtype) -> ZooProblem:
+        """The same weights and data in ``dtype`` (rounded once; integer tensors unchanged)."""
+        def cast(x: Any) -> Any:
+            if isinstance(x, torch.Tensor):
+                return x.to(dtype) if x.is_floating_point() else x
+            if isinstance(x, (tuple, list)):
+                return type(x)(cast(t) for t in x)
+            if isinstance(x, dict):
+                return {key: cast(v) for key, v in x.items()}
+            return x
+
+        model = copy.deepcopy(self.model).to(dtype).eval()
+        return replace(self, model=model, data=cast(self.data), dtype=dtype)
 
     def first_batch(self) -> Any:
         """The first batch (the Gram trick works on one batch)."""
