@@ -144,6 +144,18 @@ class TorchOperator:
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         return self.apply(v)
 
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """:math:`Av`, refusing an output that is not a length-n tensor.
+
+        Raises:
+            TypeError: The operator returned something other than a length-n vector.
+        """
+        u = self.apply(v)
+        if not isinstance(u, torch.Tensor) or u.shape != (self.n,):
+            raise TypeError(f"operator returned {type(u).__name__} of shape "
+                            f"{getattr(u, 'shape', None)}, expected a vector of length {self.n}")
+        return u
+
     def parameters_fixed(self) -> AbstractContextManager:
         """The wrapped operator's ``parameters_fixed()`` block (nothing for operators
         without one)."""

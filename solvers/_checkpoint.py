@@ -128,11 +128,7 @@ def probe_operator(op: TorchOperator) -> dict[str, object]:
     x = torch.randn(op.n, generator=gen, dtype=working_dtype(op.dtype))
     x = (x / torch.linalg.vector_norm(x)).to(dtype=op.dtype, device=op.device)
     idx = torch.randint(0, op.n, (min(op.n, PROBE_ENTRIES),), generator=gen)
-    y = op(x)
-    if not isinstance(y, torch.Tensor) or y.shape != (op.n,):
-        raise TypeError(f"operator returned {type(y).__name__} of shape "
-                        f"{getattr(y, 'shape', None)}, expected a vector of length {op.n}")
-    y = y.to(device=op.device)
+    y = op.matvec(x).to(device=op.device)
     parts = [y[idx.to(op.device)].to(torch.float64),
              torch.linalg.vector_norm(y, dtype=torch.float64).reshape(1),
              torch.dot(x.to(torch.float64), y.to(torch.float64)).reshape(1)]

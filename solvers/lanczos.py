@@ -415,12 +415,12 @@ class _Timer:
         if self.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            y = op(x)
+            y = op.matvec(x)
             end.record()
             self.events.append((start, end))
             return y
         t0 = time.perf_counter()
-        y = op(x)
+        y = op.matvec(x)
         self.cpu_seconds += time.perf_counter() - t0
         return y
 
@@ -570,20 +570,12 @@ def lanczos(
             or other settings, or a damaged one (the message names what differs).
         TypeError: Unsupported operator, config, setting or v0 types.
     """
+    arguments = locals()  # first statement: exactly the call's arguments
     t_start = time.perf_counter()
     passed = {
-        key: value for key, value in (
-            ("k", k), ("which", which), ("tol", tol), ("maxiter", maxiter),
-            ("return_eigenvectors", return_eigenvectors), ("reorth", reorth), ("seed", seed),
-            ("verify", verify), ("operator_eps", operator_eps), ("basis_dtype", basis_dtype),
-            ("basis_device", basis_device), ("rayleigh_ritz", rayleigh_ritz),
-            ("rayleigh_ritz_jitter", rayleigh_ritz_jitter),
-            ("cullum_willoughby", cullum_willoughby),
-            ("measure_orthogonality", measure_orthogonality),
-            ("record_history", record_history), ("progress", progress),
-            ("checkpoint_path", checkpoint_path), ("checkpoint_every", checkpoint_every),
-        )
-        if not isinstance(value, _FromConfig) and not (key == "k" and value is None)
+        key: arguments[key] for key in _KEYWORD_FIELDS
+        if not isinstance(arguments[key], _FromConfig)
+        and not (key == "k" and arguments[key] is None)
     }
     cfg = _settings(config, passed)
     op = as_operator(A)
@@ -707,9 +699,6 @@ class _Run:
         x = v if v.dtype == self.op.dtype else v.to(self.op.dtype)
         u = self.timer(self.op, x)
         self.matvecs += 1
-        if not isinstance(u, torch.Tensor) or u.shape != (self.n,):
-            raise TypeError(f"operator returned {type(u).__name__} of shape "
-                            f"{getattr(u, 'shape', None)}, expected a vector of length {self.n}")
         return u.to(device=self.device)
 
     def three_term(self, u, v, v_prev, beta_j):
