@@ -38,8 +38,8 @@ from curvops.linops.dtypes import dtype_name
 from .crosscheck import BROKEN_METHOD, METHODS, UNGUARDED_METHOD, MethodRunner
 from .ladder import CheckRecord, LadderRun
 
-__all__ = ["ROW_KEYS", "compact_markdown_table", "format_row", "markdown_table",
-           "prepare_output_folder", "write_report"]
+__all__ = ["ROW_KEYS", "compact_markdown_table", "format_row", "json_ready",
+           "markdown_table", "prepare_output_folder", "write_report"]
 
 SCHEMA = "curvops.validation/1"
 ROW_KEYS = (
@@ -103,16 +103,31 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
-    if isinstance(x, (np.floating, np.integer)):
-        return _json_safe(x.item())
+def json_ready(x: Any, *, nan: str | None = None) -> Any:
+    """A JSON-ready copy of ``x``: the one converter of every report curvops writes.
+
+    Dicts (keys as strings), lists and tuples recursively; numpy arrays and scalars and
+    torch tensors to Python numbers and lists; torch dtypes to their names; ``±inf`` to
+    ``"inf"``/``"-inf"``; NaN to ``nan`` (None, JSON's null, by default); anything else
+    that JSON has no type for to its ``str``.
+    """
     if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
+        return {str(k): json_ready(v, nan=nan) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
+        return [json_ready(v, nan=nan) for v in x]
+    if isinstance(x, np.ndarray):
+        return json_ready(x.tolist(), nan=nan)
+    if isinstance(x, (np.floating, np.integer, np.bool_)):
+        return json_ready(x.item(), nan=nan)
+    if isinstance(x, torch.Tensor):
+        return json_ready(x.detach().cpu().tolist(), nan=nan)
+    if isinstance(x, torch.dtype):
+        return dtype_name(x)
+    if isinstance(x, float) and not math.isfinite(x):
+        return nan if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    return str(x)
 
 
 def _meta(run: LadderRun, quick: bool) -> dict[str, Any]:
@@ -344,7 +359,7 @@ def write_report(run: LadderRun, out_dir: str | Path, *, quick: bool = False,
     _remove_previous_report(out)
     rows = [{key: row.get(key) for key in ROW_KEYS} for row in run.rows]
     results_path = out / "results.json"
-    _write_text(results_path, json.dumps(_json_safe(
+    _write_text(results_path, json.dumps(json_ready(
         {"schema": SCHEMA, "meta": _meta(run, quick), "rows": rows}), indent=1))
     fig_paths = write_figures(run, out) if figures else []
 

@@ -34,18 +34,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from .adapters import seed_api
-from .linops.dtypes import dtype_from_name, dtype_name
+from .linops.dtypes import dtype_from_name
 from .linops.hf import hf_objective, model_limits
 from .linops.registry import SHORT_NAMES, make_operator
 from .solvers.slq import spectral_density
 from .solvers.trace import hutchinson_trace
 from .validation import bench
 from .validation.ladder import FULL_LADDER, QUICK_LADDER, run_ladder, select_rungs
-from .validation.report import format_row, prepare_output_folder, write_report
+from .validation.report import format_row, json_ready, prepare_output_folder, write_report
 from .validation.zoo import ZOO, build, token_data
 
 __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_RUNTIME", "EXIT_USAGE", "main"]
@@ -284,27 +283,6 @@ def _resolve_model(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
                      "or package.module:factory")
 
 
-def _clean(x: Any) -> Any:
-    """JSON-ready: numpy and torch scalars to Python, inf/nan to strings."""
-    if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _clean(x.tolist())
-    if isinstance(x, (np.floating, np.integer, np.bool_)):
-        return _clean(x.item())
-    if isinstance(x, torch.dtype):
-        return dtype_name(x)
-    if isinstance(x, torch.Tensor):
-        return _clean(x.detach().cpu().tolist())
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    if isinstance(x, (str, int, float, bool)) or x is None:
-        return x
-    return str(x)
-
-
 def _spectrum(args: argparse.Namespace) -> int:
     if (args.model is None) == (args.model_option is None):
         raise UsageError("give the model once: `curvops spectrum MODEL` or "
@@ -335,7 +313,7 @@ def _spectrum(args: argparse.Namespace) -> int:
             est = hutchinson_trace(op, num_probes=32, seed=args.seed)
             result["trace"] = {"value": est.value, "standard_error": est.standard_error,
                                "matvecs": est.matvecs, "method": est.method}
-    print(json.dumps(_clean(result), indent=1))
+    print(json.dumps(json_ready(result, nan="nan"), indent=1))
     return 0
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import sys
 import threading
@@ -18,34 +17,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
+from ..report import json_ready
 
-from .settings import dtype_name
-
-__all__ = ["EXIT_TIMEOUT", "SCHEMA", "Recorder", "Watchdog", "plain"]
+__all__ = ["EXIT_TIMEOUT", "SCHEMA", "Recorder", "Watchdog"]
 
 SCHEMA = "curvops.gpu_run/1"
 EXIT_TIMEOUT = 3
-
-
-def plain(x: Any) -> Any:
-    """JSON-ready copy: numpy → Python, NaN → None, ±inf → "inf"/"-inf", dtypes → names."""
-    if isinstance(x, dict):
-        return {str(k): plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [plain(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return plain(x.tolist())
-    if isinstance(x, (np.floating, np.integer, np.bool_)):
-        return plain(x.item())
-    if isinstance(x, float) and not math.isfinite(x):
-        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
-    if isinstance(x, torch.dtype):
-        return dtype_name(x)
-    if isinstance(x, (str, int, float, bool)) or x is None:
-        return x
-    return str(x)
 
 
 class Recorder:
@@ -78,7 +55,7 @@ class Recorder:
 
     def snapshot(self) -> dict[str, Any]:
         """A JSON-ready copy of the data."""
-        return plain({k: v for k, v in self.data.items() if k != "_t0"})
+        return json_ready({k: v for k, v in self.data.items() if k != "_t0"})
 
     def begin(self, record: dict[str, Any]) -> None:
         """Mark ``record`` (already placed in ``data``) as in flight."""

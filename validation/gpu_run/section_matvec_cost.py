@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..report import json_ready
 from ..zoo import build
 from .context import Run
 from .device import cupy_problem, free, on_device
-from .record import plain
 
 __all__ = ["run_section"]
 
@@ -122,7 +122,7 @@ def run_section(run: Run, section: dict[str, Any], end_time: float) -> None:
             entry["cupy"] = section["cupy"]
         with run.recorder.change():
             section[kind] = entry
-            section["cache"] = plain(getattr(op, "cache_info", None))
+            section["cache"] = json_ready(getattr(op, "cache_info", None))
         run.say(f"matvec_cost {kind}: " + ", ".join(f"{k} {v * 1e3:.2f} ms"
                                                      for k, v in med.items()))
     view = host = op = problem = None

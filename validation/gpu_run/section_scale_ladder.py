@@ -28,12 +28,12 @@ from ...linops import GGNOperator
 from ...linops.hf import hf_objective
 from ...solvers import LanczosConfig, lanczos
 from ..crosscheck import METHODS, relative_error
+from ..report import json_ready
 from ..zoo import token_data
 from .context import Run
 from .device import GIB, error_record, free, measured, memory_figures, move
 from .estimates import fit_iters, iters_in_time, solver_bytes_estimate
 from .language_models import build_lm, count_parameters
-from .record import plain
 from .report import count_text
 from .settings import LadderSpec, dtype_name
 
@@ -76,7 +76,7 @@ def _warm_products(op: Any, run: Run) -> dict[str, Any]:
     out = {"first_s": first["seconds"], "cached_s": second["seconds"],
            "first_peak_above_before_bytes": first["peak_above_before_bytes"],
            "cached_peak_above_before_bytes": second["peak_above_before_bytes"],
-           "cache": plain(getattr(op, "cache_info", None))}
+           "cache": json_ready(getattr(op, "cache_info", None))}
     free(run.device)
     return out
 
