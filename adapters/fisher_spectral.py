@@ -330,6 +330,30 @@ class FisherSpectral:
             )
 
     # --- gradients ------------------------------------------------------------------------------
+    def _examples_used(self, n_samples: int | None, available: int, held: str) -> int | None:
+        """The number of examples N to use: ``n_samples``, or all ``available``.
+
+        Args:
+            n_samples: The requested number, or None for all.
+            available: How many the input holds.
+            held: What the input holds, for the message of a request beyond it.
+
+        Returns:
+            N, or None (with a warning) when it is 0.
+
+        Raises:
+            ValueError: ``n_samples`` exceeds ``available``, or the solver cannot give what
+                is asked for N examples.
+        """
+        N = available if n_samples is None else n_samples
+        if N > available:
+            raise ValueError(f"n_samples={n_samples} but {held}")
+        if N == 0:
+            warnings.warn("no examples to compute a Fisher spectrum from", stacklevel=4)
+            return None
+        self._check_solvable(N)
+        return N
+
     def _check_solvable(self, N: int) -> None:
         cfg = self.config
         if cfg.top_k_eigenvalues is None and (
@@ -367,13 +391,10 @@ class FisherSpectral:
         check_no_train_mode_batchnorm(model)
         source = DataSource(batch)
         available = sum(objective.count(b).examples for b in source)
-        N = available if n_samples is None else n_samples
-        if N > available:
-            raise ValueError(f"n_samples={n_samples} but the data holds only {available} examples")
-        if N == 0:
-            warnings.warn("no examples to compute a Fisher spectrum from", stacklevel=3)
+        N = self._examples_used(n_samples, available,
+                                f"the data holds only {available} examples")
+        if N is None:
             return None
-        self._check_solvable(N)
         blocks = self._blocks(names, space, structure)
         columns = torch.cat([b.columns for b in blocks]).to(space.device)
         # G's columns are laid out block after block; skip the gather only when that is flat order.
@@ -447,13 +468,10 @@ class FisherSpectral:
         if len(sizes) != 1:
             raise ValueError(f"precomputed gradients disagree on N: {sorted(sizes)}")
         available = sizes.pop()
-        N = available if n_samples is None else n_samples
-        if N > available:
-            raise ValueError(f"n_samples={n_samples} but only {available} gradients were given")
-        if N == 0:
-            warnings.warn("n_samples=0: no examples to compute a spectrum from", stacklevel=3)
+        N = self._examples_used(n_samples, available,
+                                f"only {available} gradients were given")
+        if N is None:
             return None
-        self._check_solvable(N)
         flats = [t[:N].reshape(N, -1) for t in per_name.values()]
         G = torch.cat(flats, dim=1) if len(flats) > 1 else flats[0]
         names = list(per_name)
