@@ -83,7 +83,7 @@ _OPTIONS = {
     "which": None,  # "LA" | "SA" | "LM" | "BE"; default "LA"
     "tol": None,  # convergence tolerance; default the config's
     "seed": None,  # start vector and MC labels; default the config's (0)
-    "reorth": None,  # "full" | "selective" | "partial" | "none"; default by operator/dtype
+    "reorth": None,  # "full" | "selective" | "partial" | "none"; default the config's (full)
     "dtype_compute": None,  # Krylov-vector dtype; default the model's dtype
     "mc_samples": 1,  # MC Fisher draws per example
     "return_eigenvectors": False,  # keep the Ritz vectors (needed for eigenspace overlap)
@@ -232,15 +232,11 @@ def _lanczos_config(
         dtype_compute = config.dtype_compute
     if dtype_compute is None:
         dtype_compute = op_dtype  # the seed keeps bf16 Krylov vectors for bf16 models
-    if config is None:
-        # Full reorthogonalization for every operator: it keeps the same basis as selective
-        # (no memory saved by the others that keep one), its Ritz vectors pass the true-
-        # residual check at the operator's own accuracy where semi-orthogonal ones may
-        # not, and it is the strategy with Rayleigh-Ritz recovery for a bf16/fp16 basis.
-        reorth = "full"
-        base = LanczosConfig(reorth=reorth, return_eigenvectors=False)
-    else:
-        base = config
+    # Without a config, LanczosConfig()'s full reorthogonalization, for every operator: it
+    # keeps the same basis as selective (the others that keep one save no memory), its Ritz
+    # vectors pass the true-residual check at the operator's own accuracy where
+    # semi-orthogonal ones may not, and it has the Rayleigh-Ritz recovery of a bf16 basis.
+    base = LanczosConfig() if config is None else config
     changes: dict[str, Any] = {"k": k, "which": which, "dtype_compute": dtype_compute}
     if max_iter is not None:
         changes["max_iters"] = max_iter
