@@ -47,6 +47,7 @@ from torch import nn
 from ..linops import FisherOperator, select_parameters
 from ..linops.checks import check_int, check_real
 from ..linops.data import DataSource
+from ..linops.distributed import check_process_group, collective_step, group_size
 from ..linops.dtypes import dtype_name
 from ..linops.hf import hf_objective, is_hf_model
 from ..linops.memory import plan_micro_batches
@@ -88,7 +89,8 @@ _OPTIONS = {
     "mc_samples": 1,  # MC Fisher draws per example
     "return_eigenvectors": False,  # keep the Ritz vectors (needed for eigenspace overlap)
     "check_deterministic": True,  # refuse models whose outputs differ between passes
-    "progress": False,  # tqdm progress bar
+    "progress": False,  # tqdm progress bar (rank 0 only in a distributed run)
+    "process_group": None,  # torch.distributed group whose ranks each hold a shard of data
 }
 
 
@@ -109,6 +111,7 @@ def _options(kwargs: dict[str, Any]) -> dict[str, Any]:
         opts["micro_batch_size"] = check_int(
             "micro_batch_size", opts["micro_batch_size"], minimum=1, allow_none=True
         )
+    opts["process_group"] = check_process_group(opts["process_group"])
     return opts
 
 
@@ -249,6 +252,42 @@ def _lanczos_config(
 
 
 # --- the shared pipeline -------------------------------------------------------------------
+def _prepare(
+    model: nn.Module, data: Any, op_cls: type, op_kwargs: dict[str, Any], k: int,
+    opts: dict[str, Any],
+) -> tuple[int, Objective, int | None, Any]:
+    """Cheap checks before any forward pass, then the micro-batch plan.
+
+    Returns:
+        The number of selected parameters, the objective, the micro-batch size and the
+        plan (None unless ``micro_batch_size="auto"``).
+    """
+    model = model.module if _is_ddp(model) else model
+    _, tensors = select_parameters(model, opts["params"])
+    n = sum(t.numel() for t in tensors)
+    if k >= n:
+        raise ValueError(f"k={k} must be smaller than the number of selected parameters n={n}")
+    _check_no_dropout_in_train_mode(model)
+    DataSource(data)  # refuses one-shot generators and empty collections early
+    objective = _objective(model, data, opts)
+    mbs = opts["micro_batch_size"]
+    plan = None
+    if mbs == "auto":
+        plan = plan_micro_batches(
+            op_cls, model, objective, data, opts["params"],
+            memory_budget_bytes=opts["memory_budget_bytes"], operator_kwargs=op_kwargs,
+        )
+        mbs = plan.micro_batch_size
+    elif opts["memory_budget_bytes"] is not None and mbs is None:
+        raise ValueError("memory_budget_bytes needs micro_batch_size='auto'")
+    return n, objective, mbs, plan
+
+
+def _is_ddp(model: nn.Module) -> bool:
+    ddp = getattr(nn.parallel, "DistributedDataParallel", None)
+    return ddp is not None and isinstance(model, ddp)
+
+
 def _spectrum(
     model: nn.Module,
     data: Any,
@@ -276,29 +315,17 @@ def _spectrum(
         elif config is not None:
             op_kwargs["seed"] = int(config.seed)
 
-    # Cheap checks before any forward pass.
-    names, tensors = select_parameters(model, opts["params"])
-    n = sum(t.numel() for t in tensors)
-    if k >= n:
-        raise ValueError(f"k={k} must be smaller than the number of selected parameters n={n}")
-    _check_no_dropout_in_train_mode(model)
-    DataSource(data)  # refuses one-shot generators and empty collections early
-    objective = _objective(model, data, opts)
-
-    mbs = opts["micro_batch_size"]
-    plan = None
-    if mbs == "auto":
-        plan = plan_micro_batches(
-            op_cls, model, objective, data, opts["params"],
-            memory_budget_bytes=opts["memory_budget_bytes"], operator_kwargs=op_kwargs,
-        )
-        mbs = plan.micro_batch_size
-    elif opts["memory_budget_bytes"] is not None and mbs is None:
-        raise ValueError("memory_budget_bytes needs micro_batch_size='auto'")
-
+    group = opts["process_group"]
+    # Each rank plans for its own shard; a rank that fails here tells the others.
+    with collective_step(
+        group, torch.device("cpu"),
+        "the checks and the micro-batch plan",
+    ):
+        n, objective, mbs, plan = _prepare(model, data, op_cls, op_kwargs, k, opts)
     op = op_cls(
         model, objective, data, opts["params"],
-        micro_batch_size=mbs, check_deterministic=opts["check_deterministic"], **op_kwargs,
+        micro_batch_size=mbs, check_deterministic=opts["check_deterministic"],
+        process_group=group, **op_kwargs,
     )
     cfg = _lanczos_config(
         config, k=k, max_iter=max_iter, op_dtype=op.dtype, opts=opts,
@@ -355,6 +382,8 @@ def _spectrum(
         "normalizer": float(op.normalizer),
         "num_examples": int(op.total.examples),
         "num_loss_terms": int(op.total.terms),
+        "ranks": group_size(group),
+        "rank_examples": int(op.local_total.examples),
         "micro_batch_size": mbs,
         "micro_batch_plan": None if plan is None else plan.as_dict(),
         "n_params": int(n),

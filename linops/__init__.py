@@ -27,6 +27,8 @@ from .curvature import (
     GGNOperator,
     HessianOperator,
 )
+from .data import shard_batches
+from .distributed import RankFailedError, RanksDisagreeError
 from .gram import GramOperator
 from .hf import LanguageModelObjective, attention_product_context, hf_objective, is_hf_model
 from .losses import LossKind, TorchLoss
@@ -38,6 +40,9 @@ from .registry import OperatorSpec, make_operator, operator_spec
 from .scipy_view import ScipyView, to_scipy
 
 __all__ = [
+    "RankFailedError",
+    "RanksDisagreeError",
+    "shard_batches",
     "Count",
     "CurvatureOperator",
     "EmpiricalFisherOperator",

@@ -39,6 +39,9 @@ class LinearOperatorBase:
     device: torch.device
     #: Whether the operator is known to be positive semi-definite.
     is_psd: bool = False
+    #: The ``torch.distributed`` group over which products are summed (data-parallel
+    #: operators), or None: the solvers read it to print and write on rank 0 only.
+    process_group: Any = None
 
     # --- products -------------------------------------------------------------------------
     def _matmat(self, V: Tensor) -> Tensor:  # pragma: no cover - abstract
@@ -214,6 +217,7 @@ class ScaledOperator(LinearOperatorBase):
         self.op, self.scalar = op, float(scalar)
         self.shape, self.dtype, self.device = op.shape, op.dtype, op.device
         self.is_psd = op.is_psd and self.scalar >= 0.0
+        self.process_group = op.process_group
 
     def _matmat(self, V: Tensor) -> Tensor:
         return self.scalar * self.op._matmat(V)
@@ -250,9 +254,15 @@ class SumOperator(LinearOperatorBase):
                 raise TypeError(f"cannot add operators of dtypes {first.dtype} and {op.dtype}")
             if op.device != first.device:
                 raise ValueError(f"cannot add operators on {first.device} and {op.device}")
+        groups = {
+            id(op.process_group): op.process_group for op in flat if op.process_group is not None
+        }
+        if len(groups) > 1:
+            raise ValueError("cannot add operators summed over different process groups")
         self.ops = flat
         self.shape, self.dtype, self.device = first.shape, first.dtype, first.device
         self.is_psd = all(op.is_psd for op in flat)
+        self.process_group = next(iter(groups.values()), None)
 
     def parameters_fixed(self) -> contextlib.AbstractContextManager:
         stack = contextlib.ExitStack()

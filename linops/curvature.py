@@ -60,6 +60,12 @@ from .cache import (
 )
 from .checks import all_finite, check_int, check_repeatable
 from .data import DataFingerprint
+from .distributed import (
+    check_process_group,
+    checksums,
+    collective_step,
+    sum_across,
+)
 from .dtypes import working_dtype
 from .empirical_risk import EmpiricalRisk
 from .memory_probe import graph_bytes, measure_held
@@ -107,6 +113,14 @@ class CurvatureOperator(EmpiricalRisk, LinearOperatorBase):
         cache_budget_bytes: Memory the cache may hold; default 25 % of the memory
             available on the device at construction
             (:data:`curvops.linops.cache.DEFAULT_BUDGET_FRACTION`).
+        process_group: A ``torch.distributed`` process group whose ranks each pass their
+            own shard of the data (shards may differ in size and, for language models, in
+            tokens); default None, one process. The operator is then the curvature over
+            all shards: counts are all-reduced once at construction, a product is the
+            local product followed by one ``all_reduce`` of its ``n`` values, and every
+            rank must call every product with the same vectors (the solvers run in
+            lockstep; :mod:`curvops.linops.distributed`). A model wrapped in
+            ``DistributedDataParallel`` is used through the module it wraps.
 
     Attributes:
         objective: The objective (loss, normalisation, sample unit).
@@ -134,12 +148,38 @@ class CurvatureOperator(EmpiricalRisk, LinearOperatorBase):
         check_deterministic: bool = True,
         cache: str = "auto",
         cache_budget_bytes: int | None = None,
+        process_group: Any = None,
     ) -> None:
         cache_budget_bytes = check_cache_arguments(cache, cache_budget_bytes)
         self.micro_batch_size = check_int(
             "micro_batch_size", micro_batch_size, minimum=1, allow_none=True
         )
-        self._set_up_risk(model, loss_fn, data, params)
+        group = check_process_group(process_group)
+        # Every rank checks its own shard; a rank whose checks fail still tells the others
+        # (they raise too instead of waiting in the count's collective).
+        with collective_step(
+            group, torch.device("cpu"),
+            "building the operator",
+        ):
+            self._build(model, loss_fn, data, params, check_deterministic, group)
+        self._join_ranks()
+        budget = (
+            default_cache_budget(self.device) if cache_budget_bytes is None else cache_budget_bytes
+        )
+        self._cache = ProductCache(cache, budget)
+        self._held_fingerprint: tuple[Any, ...] | None = None
+
+    def _build(
+        self,
+        model: nn.Module,
+        loss_fn: Any,
+        data: Any,
+        params: Sequence[nn.Parameter | str] | None,
+        check_deterministic: bool,
+        group: Any,
+    ) -> None:
+        """This rank's part of construction: set up, survey and check its data."""
+        self._set_up_risk(model, loss_fn, data, params, group)
         self._selects_all = {n for n, _ in model.named_parameters()} == set(self.space.names)
         n = self.space.size
         self.shape = (n, n)
@@ -156,11 +196,6 @@ class CurvatureOperator(EmpiricalRisk, LinearOperatorBase):
             self._check_same_data(fingerprint, content=check_deterministic)
         if check_deterministic:
             self._check_deterministic()
-        budget = (
-            default_cache_budget(self.device) if cache_budget_bytes is None else cache_budget_bytes
-        )
-        self._cache = ProductCache(cache, budget)
-        self._held_fingerprint: tuple[Any, ...] | None = None
 
     # --- cache ----------------------------------------------------------------------------
     @property
@@ -261,8 +296,9 @@ class CurvatureOperator(EmpiricalRisk, LinearOperatorBase):
         return {name: p if name in selected else p.detach() for name, p in named}
 
     def micro_batches(self) -> Iterator[tuple[Any, int]]:
-        """Yield ``(micro_batch, global index of its first example)`` over the whole data."""
-        offset = 0
+        """Yield ``(micro_batch, global index of its first example)`` over this rank's data
+        (the whole data without a process group)."""
+        offset = self.example_offset
         previous = None
         for batch in self.data:
             parts = (
@@ -332,6 +368,23 @@ class CurvatureOperator(EmpiricalRisk, LinearOperatorBase):
 
     # --- products -------------------------------------------------------------------------
     def _matmat(self, V: Tensor) -> Tensor:
+        group = self.process_group
+        if group is None:
+            return self._local_sum(V).T.to(self.dtype)
+        device = self._collective_device()
+        with collective_step(
+            group, device, "the product", checksums([V]),
+            "the vectors of a product (every rank must call every product with the same "
+            "vectors: the solvers are not in lockstep — different seeds or start vectors?)",
+        ):
+            acc = self._local_sum(V)
+        if acc.device != device:  # e.g. a CPU operator on an NCCL group
+            return sum_across(group, acc.to(device)).to(acc.device).T.to(self.dtype)
+        return sum_across(group, acc).T.to(self.dtype)
+
+    def _local_sum(self, V: Tensor) -> Tensor:
+        """This rank's share of ``(A V)ᵀ``, ``(m, n)``, summed over its micro-batches (in
+        float32 for bf16/fp16 operators with several micro-batches)."""
         acc_dtype = working_dtype(self.dtype)
         Vt = V.T.contiguous()  # (m, n): one row per column of V
         blocks = self.space.unflatten(Vt)
@@ -382,12 +435,12 @@ class CurvatureOperator(EmpiricalRisk, LinearOperatorBase):
                 if building and fingerprint is not None:
                     cache.seal(fingerprint, cache.states[0].kind)
         assert acc is not None  # the data is never empty (checked at construction)
-        return acc.T.to(self.dtype)
+        return acc
 
     def _estimated_total(self, batch: Any, nbytes: int) -> float:
         """The whole data's cache size, extrapolated from one micro-batch's ``nbytes``."""
         examples = self.objective.count(batch).examples
-        return nbytes * self.total.examples / max(examples, 1)
+        return nbytes * self.local_total.examples / max(examples, 1)
 
     def _prepare_measured(self, batch: Any, offset: int) -> tuple[_PreparedState, int]:
         """Prepare a micro-batch's state for the cache and measure the memory it holds."""
@@ -733,7 +786,7 @@ class EmpiricalFisherOperator(CurvatureOperator):
 
     def _gradient_matrix_fits(self) -> bool:
         itemsize = torch.finfo(self.dtype).bits // 8
-        return self.total.examples * self.shape[0] * itemsize <= self._cache.budget_bytes
+        return self.local_total.examples * self.shape[0] * itemsize <= self._cache.budget_bytes
 
     def _prepare(self, batch: Any, offset: int, *, for_cache: bool) -> _PreparedState:
         graph = self._prepare_graph(batch)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.data import (
     DataLoader,
     RandomSampler,
@@ -181,3 +181,62 @@ def survey_data(
     if total.examples == 0 or total.terms == 0:
         raise ValueError("data is empty: no examples / loss terms")
     return total
+
+
+def _leading_size(batch: Any) -> int:
+    """The examples of a batch: the common leading size of its tensor leaves."""
+    sizes = {int(t.shape[0]) for t in tree_flatten(batch)[0] if isinstance(t, Tensor) and t.dim()}
+    if len(sizes) != 1:
+        raise ValueError(
+            "cannot shard a batch whose tensors do not share one leading (example) dimension "
+            f"(leading sizes {sorted(sizes)})"
+        )
+    return sizes.pop()
+
+
+def shard_batches(batches: Iterable[Any], rank: int, world: int) -> list[Any]:
+    """Rank ``rank``'s contiguous share of the examples of ``batches``, in their order.
+
+    The examples, counted along the leading dimension of every batch's tensors, are cut
+    into ``world`` contiguous ranges as equal as possible (the first ``N mod world`` ranks
+    hold one more); each rank keeps the slices of the batches that fall into its range. The
+    ranks' shards in rank order are the data in its order, so operators keyed by the global
+    example index (the Monte-Carlo Fisher) are the same matrix on any number of ranks.
+
+    Args:
+        batches: Batches whose tensor leaves all index examples along dimension 0
+            (``(inputs, targets)`` pairs, HuggingFace dicts), or one such batch.
+        rank: This process's rank, ``0 <= rank < world``.
+        world: The number of ranks.
+
+    Returns:
+        The rank's batches (slices of the given ones; none empty).
+
+    Raises:
+        ValueError: For a rank outside ``[0, world)``, fewer examples than ranks, or a batch
+            whose tensors disagree on the leading size.
+    """
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is outside [0, {world})")
+    batches = [batches] if _is_single_batch(batches) else list(batches)
+    sizes = [_leading_size(b) for b in batches]
+    total = sum(sizes)
+    if total < world:
+        raise ValueError(f"cannot shard {total} examples over {world} ranks: each needs one")
+    base, extra = divmod(total, world)
+    start = rank * base + min(rank, extra)
+    stop = start + base + (1 if rank < extra else 0)
+    shard, offset = [], 0
+    for batch, size in zip(batches, sizes, strict=True):
+        lo, hi = max(start, offset), min(stop, offset + size)
+        if lo < hi:
+            shard.append(
+                tree_map(
+                    lambda t, a=lo - offset, b=hi - offset: (
+                        t[a:b] if isinstance(t, Tensor) and t.dim() else t
+                    ),
+                    batch,
+                )
+            )
+        offset += size
+    return shard

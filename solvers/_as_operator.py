@@ -132,6 +132,9 @@ class TorchOperator:
         apply_block: ``apply_block(V) -> A @ V`` for an ``(n, m)`` block in one call, or
             None (then :meth:`matmat` loops over columns).
         hold: The wrapped operator's ``parameters_fixed`` (curvops operators), or None.
+        process_group: The ``torch.distributed`` group the wrapped operator sums its
+            products over (data-parallel curvops operators), or None. Every rank runs the
+            solver in lockstep; only rank 0 prints and writes.
     """
 
     n: int
@@ -140,6 +143,7 @@ class TorchOperator:
     apply: Callable[[torch.Tensor], torch.Tensor]
     apply_block: Callable[[torch.Tensor], torch.Tensor] | None = None
     hold: Callable[[], AbstractContextManager] | None = None
+    process_group: Any = None
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         return self.apply(v)
@@ -279,7 +283,8 @@ def as_operator(A: object) -> TorchOperator:
         device = torch.device(getattr(A, "device", "cpu"))
         hold = getattr(A, "parameters_fixed", None)
         return TorchOperator(n, dtype, device, A.matvec, own_matmat,
-                             hold if callable(hold) else None)
+                             hold if callable(hold) else None,
+                             getattr(A, "process_group", None))
     # scipy LinearOperator and generic numpy-style objects.
     np_dtype = np.dtype(np.float64) if dtype is None else np.dtype(dtype)
     if np_dtype not in TORCH_OF_NUMPY:

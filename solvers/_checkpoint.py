@@ -213,6 +213,8 @@ class Checkpoint:
         operator: :func:`probe_operator`'s fingerprint of the run's operator.
         settings: The settings that change the result, as ``{name: text}``.
         rtol: Tolerance of the probe comparison (:func:`probe_tolerance`).
+        writer: Whether this process writes and removes the file; in a distributed run
+            only rank 0 does (every rank reads it).
 
     Attributes:
         seconds: Wall time spent writing checkpoints.
@@ -220,16 +222,17 @@ class Checkpoint:
     """
 
     def __init__(self, path: str | os.PathLike, every: int, operator: dict,
-                 settings: dict[str, str], rtol: float) -> None:
+                 settings: dict[str, str], rtol: float, writer: bool = True) -> None:
         self.path = Path(os.fspath(path))
         self.every = int(every)
+        self.writer = bool(writer)
         self.operator, self.settings, self.rtol = operator, settings, rtol
         self.seconds = 0.0
         self.written = 0
 
     def due(self, iterations: int) -> bool:
-        """Whether a checkpoint is written after ``iterations`` iterations."""
-        return iterations % self.every == 0
+        """Whether this process writes a checkpoint after ``iterations`` iterations."""
+        return self.writer and iterations % self.every == 0
 
     def save(self, state: dict) -> None:
         """Write ``state`` (tensors and plain values only) with the fingerprint, atomically."""
@@ -290,7 +293,9 @@ class Checkpoint:
 
     def remove(self) -> None:
         """Delete the checkpoint (the run finished) and any temporary file a killed write
-        left beside it."""
+        left beside it; only the writer does."""
+        if not self.writer:
+            return
         with contextlib.suppress(FileNotFoundError):
             os.remove(self.path)
         for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):

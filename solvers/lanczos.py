@@ -27,6 +27,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 from curvops.linops.checks import check_int, check_real
+from curvops.linops.distributed import collective_step, is_main_rank
 from curvops.linops.dtypes import LOW_PRECISION, working_dtype
 
 from ._as_operator import (
@@ -724,7 +725,9 @@ class _Run:
         strat = make_strategy(self.strategy_name, self)
         try:
             resume = self._resume(strat)
-            self.pbar = _progress_bar(self.cfg.max_iters, self.cfg.progress)
+            self.pbar = _progress_bar(
+                self.cfg.max_iters, self.cfg.progress and is_main_rank(self.op.process_group)
+            )
             try:
                 m, alpha, beta, beta_next, w_last = self._iterate(strat, v0, resume)
             finally:
@@ -830,6 +833,7 @@ class _Run:
             cfg.checkpoint_path, cfg.checkpoint_every, probe_operator(self.op),
             {name: str(value) for name, value in settings.items()},
             probe_tolerance(self.op.dtype, cfg.operator_eps),
+            writer=is_main_rank(self.op.process_group),
         )
 
     def _state(self, strat, m: int, alpha: list[float], beta: list[float],
@@ -851,7 +855,23 @@ class _Run:
         """The loop state of the checkpoint this run resumes, or None to start afresh."""
         if self.checkpoint is None:
             return None
-        state = self.checkpoint.load()
+        group = self.op.process_group
+        # Every rank reads the file rank 0 writes; they must all resume from the same
+        # iteration (or all start afresh), else they would leave lockstep.
+        state = None
+        with collective_step(
+            group, self.device,
+            "reading the checkpoint",
+        ):
+            state = self.checkpoint.load()
+        found = -1 if state is None else int(state.get("m", -1))
+        with collective_step(
+            group, self.device,
+            "reading the checkpoint", [found],
+            f"the checkpoint {str(self.checkpoint.path)!r} (each rank must read the same "
+            "file: put it on a file system every rank sees)",
+        ):
+            pass
         if state is None:
             return None
         try:

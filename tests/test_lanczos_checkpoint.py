@@ -427,3 +427,68 @@ def test_products_that_do_not_repeat_are_compared_with_a_tolerance(tmp_path: Pat
             res = lanczos(Noisy(A), 3, tol=1e-6, operator_eps=eps, checkpoint_path=path)
             assert res.resumed_from == 10 and res.all_converged
             assert not path.exists()
+
+
+# ----------------------------------------------------------- a process that really dies
+_DYING_RUN = """
+import os, sys
+import numpy as np
+import torch
+sys.path.insert(0, {tests!r})
+from test_lanczos_checkpoint import clustered_top
+from curvops.solvers import lanczos
+
+torch.set_num_threads({threads})  # the parent's: the same reductions, the same bits
+A = clustered_top()
+count = 0
+
+class Dying:
+    shape, dtype, device = tuple(A.shape), A.dtype, A.device
+
+    def matvec(self, x):
+        global count
+        count += 1
+        if count > 36:
+            os._exit(17)  # no exception, no cleanup: like a killed process
+        return A @ x
+
+lanczos(Dying(), 5, reorth={reorth!r}, tol=1e-12, seed=0, checkpoint_path={path!r},
+        checkpoint_every=5)
+"""
+
+
+def clustered_top() -> torch.Tensor:
+    """A matrix whose top 5 need about 80 products (full) or 160 (none) at tol 1e-12."""
+    return sym_from_spectrum(np.concatenate([1 + 0.02 * np.arange(6)[::-1],
+                                             np.linspace(0, 0.95, 394)]), 3)
+
+
+@pytest.mark.parametrize("reorth", ["full", "none"])
+def test_a_process_killed_after_36_products_resumes_bit_identically(tmp_path: Path,
+                                                                   reorth: str) -> None:
+    import subprocess
+    import sys
+
+    path = tmp_path / "run.pt"
+    script = _DYING_RUN.format(tests=str(Path(__file__).parent), reorth=reorth, path=str(path),
+                               threads=torch.get_num_threads())
+    done = subprocess.run([sys.executable, "-c", script], timeout=120, capture_output=True,
+                          text=True)
+    assert done.returncode == 17, done.stderr
+    assert path.exists()
+    A = clustered_top()
+    resumed = Crashing(A)
+    res = lanczos(resumed, 5, reorth=reorth, tol=1e-12, seed=0, checkpoint_path=path,
+                  checkpoint_every=5)
+    fresh = Crashing(A)
+    ref = lanczos(fresh, 5, reorth=reorth, tol=1e-12, seed=0)
+    assert res.resumed_from == 35
+    assert np.array_equal(res.eigenvalues, ref.eigenvalues)
+    assert res.all_converged and ref.all_converged
+    assert resumed.count < fresh.count
+    assert not path.exists()
+    # The same file resumed by another run is refused.
+    subprocess.run([sys.executable, "-c", script], timeout=120, capture_output=True)
+    with pytest.raises(CheckpointError, match="belongs to another run"):
+        lanczos(A, 5, reorth=reorth, tol=1e-10, seed=0, checkpoint_path=path,
+                checkpoint_every=5)

@@ -9,7 +9,10 @@ with status 1 when any row fails.
 ``condition_number``, ...) as JSON for a zoo model, a user model given as
 ``package.module:factory`` (the factory returns ``(model, loss_fn, data)``, or a
 transformers model, for which token data is synthesised), or a local HuggingFace
-directory (loaded with ``local_files_only=True``; no hub access).
+directory (loaded with ``local_files_only=True``; no hub access). Launched by
+``torchrun --nproc-per-node N -m curvops spectrum ...``, every rank takes a contiguous
+share of the data (:func:`curvops.linops.data.shard_batches`), the operators sum over the
+ranks (gloo), and rank 0 prints the same report as one process would.
 
 ``curvops bench`` runs :mod:`curvops.validation.bench`.
 
@@ -25,18 +28,23 @@ Also runnable as ``python -m curvops``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
 import importlib
 import json
 import math
+import os
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .adapters import seed_api
+from .linops.data import shard_batches
+from .linops.distributed import group_rank, group_size, is_main_rank
 from .linops.dtypes import dtype_from_name
 from .linops.hf import hf_objective, model_limits
 from .linops.registry import SHORT_NAMES, make_operator
@@ -137,6 +145,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--sequences", type=_positive_int, default=None,
                    help=f"transformers models only: synthetic sequences (default "
                         f"{_HF_SEQUENCES})")
+    s.add_argument("--timeout", type=_positive_int, default=300, metavar="SECONDS",
+                   help="under torchrun: a collective that waits longer than this raises "
+                        "(a rank that died or hangs ends the run instead of blocking it)")
     s.add_argument("--seq-len", type=_positive_int, default=None,
                    help=f"transformers models only: tokens per sequence (default "
                         f"{_HF_SEQ_LEN}; at most the model's positions)")
@@ -283,13 +294,46 @@ def _resolve_model(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
                      "or package.module:factory")
 
 
+@contextlib.contextmanager
+def _torchrun_group(timeout_s: int) -> Iterator[Any]:
+    """The world process group when launched by ``torchrun`` with several ranks, else None.
+
+    Initialised here (gloo: the built-in models run on the CPU) with the given collective
+    timeout, and destroyed on the way out.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield None
+        return
+    dist = torch.distributed
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
 def _spectrum(args: argparse.Namespace) -> int:
     if (args.model is None) == (args.model_option is None):
         raise UsageError("give the model once: `curvops spectrum MODEL` or "
                          "`curvops spectrum --model MODEL`")
     args.model = args.model if args.model is not None else args.model_option
     model, loss_fn, data, source = _resolve_model(args)
-    kwargs: dict[str, Any] = {"tol": args.tol, "seed": args.seed}
+    with _torchrun_group(args.timeout) as group:
+        result = _spectrum_result(args, model, loss_fn, data, group)
+        result["model_source"] = source
+        if is_main_rank(group):
+            print(json.dumps(json_ready(result, nan="nan"), indent=1))
+    return 0
+
+
+def _spectrum_result(args: argparse.Namespace, model: Any, loss_fn: Any, data: Any,
+                     group: Any) -> dict[str, Any]:
+    """The seed API's report (plus density and trace when asked), on this rank's shard."""
+    if group is not None:
+        data = shard_batches(data, group_rank(group), group_size(group))
+    kwargs: dict[str, Any] = {"tol": args.tol, "seed": args.seed, "process_group": group}
     if loss_fn is not None:
         kwargs["loss_fn"] = loss_fn
     if args.reorth:
@@ -301,9 +345,8 @@ def _spectrum(args: argparse.Namespace) -> int:
         result = seed_api.compute_fisher_eigenvalues_lanczos(
             model, data, k=args.k, max_iter=args.max_iter,
             ggn_mode=seed_api.ggn_mode_of(args.operator), **kwargs)
-    result["model_source"] = source
     if args.density or args.trace:
-        op = _operator_for(args.operator, model, loss_fn, data)
+        op = _operator_for(args.operator, model, loss_fn, data, group)
         if args.density:
             dens = spectral_density(op, num_probes=4, lanczos_steps=min(40, op.shape[0] - 1),
                                     seed=args.seed, num_points=100)
@@ -313,14 +356,13 @@ def _spectrum(args: argparse.Namespace) -> int:
             est = hutchinson_trace(op, num_probes=32, seed=args.seed)
             result["trace"] = {"value": est.value, "standard_error": est.standard_error,
                                "matvecs": est.matvecs, "method": est.method}
-    print(json.dumps(json_ready(result, nan="nan"), indent=1))
-    return 0
+    return result
 
 
-def _operator_for(name: str, model: Any, loss_fn: Any, data: Any) -> Any:
+def _operator_for(name: str, model: Any, loss_fn: Any, data: Any, group: Any) -> Any:
     if loss_fn is None:  # a transformers model: the HF objective
         loss_fn = hf_objective(model)
-    return make_operator(name, model, loss_fn, data)
+    return make_operator(name, model, loss_fn, data, process_group=group)
 
 
 # --- bench ----------------------------------------------------------------------------------
