@@ -51,9 +51,12 @@ from ..linops.distributed import check_process_group, collective_step, group_siz
 from ..linops.dtypes import dtype_name
 from ..linops.hf import hf_objective, is_hf_model
 from ..linops.memory import plan_micro_batches
+from ..linops.memory_probe import available_memory_bytes, peak_memory
 from ..linops.objective import Objective, as_objective
+from ..linops.params import model_dtype
 from ..linops.registry import OperatorSpec, operator_names, operator_spec
 from ..solvers.lanczos import LanczosConfig, LanczosResult, lanczos
+from ..solvers.memory_estimate import lanczos_memory_bytes
 from ..solvers.metrics import spectrum_metrics
 
 __all__ = [
@@ -73,6 +76,12 @@ GGN_MODES = tuple(_GGN_MODE_OPERATOR)
 #: documents ``"ggn"``, ``"empirical_fisher"``, ``"hessian"`` and ``"fisher"``).
 OPERATOR_TYPES = operator_names()
 _LARGE_MODEL = 10**9  # where the seed cut max_iter (we do not)
+#: Share of the device's free memory a run may use when no ``memory_budget_bytes`` is given.
+MEMORY_BUDGET_SHARE = 0.5
+#: The strategies tried, in order, when the call names none: full reorthogonalization
+#: (its basis grows with the iterations), then none (a constant number of vectors).
+_STRATEGY_PREFERENCE = ("full", "none")
+_STRATEGY_CODE = {"full": 0, "selective": 1, "partial": 2, "none": 3}
 
 # Keyword arguments the entry points accept besides their named ones.
 _OPTIONS = {
@@ -80,7 +89,8 @@ _OPTIONS = {
     "normalization": "token",  # language models: "token" | "sequence" | "sum"
     "params": None,  # parameter selection (objects or names / globs)
     "micro_batch_size": "auto",  # int, None (no split) or "auto" (memory budget)
-    "memory_budget_bytes": None,  # budget of one product for "auto" (default: free memory)
+    "memory_budget_bytes": None,  # the run's budget: solver + product + cache (default: a share
+    # of the free memory, MEMORY_BUDGET_SHARE)
     "which": None,  # "LA" | "SA" | "LM" | "BE"; default "LA"
     "tol": None,  # convergence tolerance; default the config's
     "seed": None,  # start vector and MC labels; default the config's (0)
@@ -255,12 +265,11 @@ def _lanczos_config(
 def _prepare(
     model: nn.Module, data: Any, op_cls: type, op_kwargs: dict[str, Any], k: int,
     opts: dict[str, Any],
-) -> tuple[int, Objective, int | None, Any]:
-    """Cheap checks before any forward pass, then the micro-batch plan.
+) -> tuple[int, Objective]:
+    """Cheap checks before any forward pass.
 
     Returns:
-        The number of selected parameters, the objective, the micro-batch size and the
-        plan (None unless ``micro_batch_size="auto"``).
+        The number of selected parameters and the objective.
     """
     model = model.module if _is_ddp(model) else model
     _, tensors = select_parameters(model, opts["params"])
@@ -269,18 +278,83 @@ def _prepare(
         raise ValueError(f"k={k} must be smaller than the number of selected parameters n={n}")
     _check_no_dropout_in_train_mode(model)
     DataSource(data)  # refuses one-shot generators and empty collections early
-    objective = _objective(model, data, opts)
+    return n, _objective(model, data, opts)
+
+
+def _plan_memory(
+    model: nn.Module, data: Any, op_cls: type, op_kwargs: dict[str, Any], objective: Objective,
+    n: int, cfg: LanczosConfig, strategy_given: bool, opts: dict[str, Any],
+) -> tuple[LanczosConfig, int | None, Any, dict[str, Any]]:
+    r"""Choose the solver strategy and the micro-batch size that fit the run's memory budget.
+
+    The budget :math:`B` (``memory_budget_bytes``, else :data:`MEMORY_BUDGET_SHARE` of the
+    device's free memory) covers the solver's own tensors :math:`S` (estimated by
+    :func:`~curvops.solvers.memory_estimate.lanczos_memory_bytes` for ``max_iter``
+    iterations), one product :math:`P` (measured by the micro-batch plan's probe) and the
+    product cache (what is left). The strategy the call names is kept; otherwise full
+    reorthogonalization is chosen when :math:`B - S_\text{full}` holds a product of at
+    least one example, else ``none``. A strategy that cannot fit raises before any product.
+
+    Returns:
+        The settings (strategy possibly changed), the micro-batch size, the plan (None
+        unless ``micro_batch_size="auto"``) and the ``metadata["memory"]`` record.
+
+    Raises:
+        MemoryError: When no allowed strategy leaves room for a one-example product.
+    """
+    device = next(iter(model.parameters())).device
+    budget = opts["memory_budget_bytes"]
+    source = "memory_budget_bytes"
+    if budget is None:
+        free = available_memory_bytes(device)
+        budget = int(MEMORY_BUDGET_SHARE * free) if free > 0 else None
+        source = f"{MEMORY_BUDGET_SHARE:g} of the free memory ({free} bytes)"
     mbs = opts["micro_batch_size"]
-    plan = None
-    if mbs == "auto":
-        plan = plan_micro_batches(
-            op_cls, model, objective, data, opts["params"],
-            memory_budget_bytes=opts["memory_budget_bytes"], operator_kwargs=op_kwargs,
+    candidates = (cfg.strategy,) if strategy_given else _STRATEGY_PREFERENCE
+    estimates = {
+        c: lanczos_memory_bytes(n, c, model_dtype(model), cfg.dtype_compute, cfg.max_iters,
+                                cfg.k)["total"]
+        for c in dict.fromkeys((*candidates, cfg.strategy))
+    }
+    record: dict[str, Any] = {"budget_bytes": budget, "budget_from": source,
+                              "solver_estimate_bytes": estimates}
+    chosen, plan, why = candidates[0], None, []
+    for c in candidates:
+        rest = None if budget is None else budget - estimates[c]
+        if rest is not None and rest <= 0:
+            why.append(f"reorth={c!r} needs {estimates[c] / 2**30:.2f} GiB for max_iter="
+                       f"{cfg.max_iters}, over the budget")
+            continue
+        if mbs == "auto":
+            try:
+                plan = plan_micro_batches(op_cls, model, objective, data, opts["params"],
+                                          memory_budget_bytes=rest, operator_kwargs=op_kwargs)
+            except MemoryError as err:
+                why.append(f"reorth={c!r}: {err}")
+                continue
+        chosen = c
+        break
+    else:
+        raise MemoryError(
+            "no solver strategy fits the memory budget of "
+            f"{budget / 2**30:.2f} GiB ({source}): " + "; ".join(why)
+            + ". Lower max_iter, pass reorth='none', a bf16 dtype_compute, or a larger "
+            "memory_budget_bytes"
         )
+    if mbs == "auto":
         mbs = plan.micro_batch_size
-    elif opts["memory_budget_bytes"] is not None and mbs is None:
-        raise ValueError("memory_budget_bytes needs micro_batch_size='auto'")
-    return n, objective, mbs, plan
+    record["strategy"] = chosen
+    record["strategy_from"] = "argument" if strategy_given else "memory budget"
+    if why:
+        record["rejected"] = why
+    if budget is not None:
+        rest = budget - estimates[chosen]
+        product = (plan.fixed_bytes + plan.bytes_per_example * plan.batch_size_used
+                   if plan is not None else rest / 2)
+        record["cache_budget_bytes"] = max(int(rest - product), 0)
+    if chosen != cfg.strategy:
+        cfg = dataclasses.replace(cfg, reorth=chosen)
+    return cfg, mbs, plan, record
 
 
 def _is_ddp(model: nn.Module) -> bool:
@@ -316,22 +390,38 @@ def _spectrum(
             op_kwargs["seed"] = int(config.seed)
 
     group = opts["process_group"]
+    inner = model.module if _is_ddp(model) else model
+    cfg = _lanczos_config(
+        config, k=k, max_iter=max_iter, op_dtype=model_dtype(inner), opts=opts, which=which,
+    )
+    strategy_given = opts["reorth"] is not None or config is not None
     # Each rank plans for its own shard; a rank that fails here tells the others.
-    with collective_step(
-        group, torch.device("cpu"),
-        "the checks and the micro-batch plan",
-    ):
-        n, objective, mbs, plan = _prepare(model, data, op_cls, op_kwargs, k, opts)
+    with collective_step(group, torch.device("cpu"), "the checks and the memory plan"):
+        n, objective = _prepare(model, data, op_cls, op_kwargs, k, opts)
+        cfg, mbs, plan, memory = _plan_memory(inner, data, op_cls, op_kwargs, objective, n,
+                                              cfg, strategy_given, opts)
+    # The ranks may plan different micro-batches (their shards differ), never different
+    # solvers: the strategy must be the same on every rank.
+    with collective_step(group, torch.device("cpu"), "the memory plan",
+                         [_STRATEGY_CODE[cfg.strategy]],
+                         "the solver strategy (the ranks' memory budgets differ: pass reorth)"):
+        pass
     op = op_cls(
         model, objective, data, opts["params"],
         micro_batch_size=mbs, check_deterministic=opts["check_deterministic"],
-        process_group=group, **op_kwargs,
+        process_group=group, cache_budget_bytes=memory.get("cache_budget_bytes"),
+        **op_kwargs,
     )
-    cfg = _lanczos_config(
-        config, k=k, max_iter=max_iter, op_dtype=op.dtype, opts=opts,
-        which=which,
-    )
-    res = lanczos(op, k, config=cfg)
+    with peak_memory(op.device) as peak:
+        res = lanczos(op, k, config=cfg)
+    memory.update({
+        "solver_peak_bytes": int(res.peak_memory_bytes),
+        "operator_cache_bytes": int(op.cache_bytes),
+        "process_peak_bytes": int(peak["peak_bytes"]),
+        "process_peak_measured_as": ("cuda max_memory_allocated above the start"
+                                     if op.device.type == "cuda"
+                                     else "sampled resident set size above the start"),
+    })
 
     batch_sizes = [objective.count(b).examples for b in op.data]
     full_batch = max(batch_sizes)
@@ -350,6 +440,12 @@ def _spectrum(
         notes.append(
             "max_iter is not reduced for models over 1e9 parameters (that would change the "
             "result); Lanczos stops early once the wanted values have converged (tol)"
+        )
+    if memory["strategy_from"] == "memory budget" and memory["strategy"] != "full":
+        notes.append(
+            f"reorth={memory['strategy']!r} chosen to fit the memory budget "
+            f"({memory['budget_bytes'] / 2**30:.2f} GiB, {memory['budget_from']}): "
+            + "; ".join(memory.get("rejected", []))
         )
     if operator_used == "ggn" and operator_type == "fisher":
         notes.append("exact Fisher = GGN for this loss")
@@ -386,6 +482,7 @@ def _spectrum(
         "rank_examples": int(op.local_total.examples),
         "micro_batch_size": mbs,
         "micro_batch_plan": None if plan is None else plan.as_dict(),
+        "memory": memory,
         "n_params": int(n),
         "dtype": dtype_name(op.dtype),
         "dtype_compute": dtype_name(cfg.dtype_compute),

@@ -94,6 +94,7 @@ class EmpiricalRisk:
         self.model = model
         self.objective = as_objective(loss_fn)
         names, tensors = select_parameters(model, params)
+        _refuse_sharded_parameters(names, tensors)
         self.params = tensors
         self.space = ParameterSpace.from_parameters(names, tensors)
         check_finite_parameters(names, tensors)
@@ -154,6 +155,29 @@ class EmpiricalRisk:
         self.total = Count(sum(c[0] for c in counts), sum(c[1] for c in counts))
         self.example_offset = sum(c[0] for c in counts[: group_rank(group)])
         self.normalizer = self.objective.normalizer(self.total)
+
+
+def _refuse_sharded_parameters(names: Sequence[str], tensors: Sequence[Tensor]) -> None:
+    """Refuse parameters sharded across ranks (``DTensor``, e.g. from FSDP2's ``fully_shard``).
+
+    Double backward through FSDP2's resharding fails or frees the weights the first-order
+    graph saved (docs/parallel_wrappers.md); the data-parallel operators need every
+    parameter whole on every rank.
+
+    Raises:
+        TypeError: For a ``DTensor`` parameter.
+    """
+    dtensor = getattr(getattr(torch.distributed, "tensor", None), "DTensor", None)
+    if dtensor is None:
+        return
+    for name, t in zip(names, tensors, strict=True):
+        if isinstance(t, dtensor):
+            raise TypeError(
+                f"parameter {name!r} is a DTensor sharded across ranks (FSDP2's fully_shard?): "
+                "curvature products need every parameter whole. Build an unwrapped replica "
+                "on each rank from {name: p.full_tensor()} and pass it with process_group= "
+                "(docs/parallel_wrappers.md)"
+            )
 
 
 def _unwrap_data_parallel(model: nn.Module, group: Any) -> nn.Module:

@@ -737,7 +737,11 @@ class _Run:
                                 self.cfg.return_eigenvectors)
             result = self._finish(strat, ext, m)
             if self.checkpoint is not None:
-                self.checkpoint.remove()  # the run is done: nothing is left to resume
+                # The run is done: nothing is left to resume. Rank 0 removes the file and
+                # every rank returns after it did.
+                with collective_step(self.op.process_group, self.device,
+                                     "removing the checkpoint"):
+                    self.checkpoint.remove()
             return result
         finally:
             strat.release()

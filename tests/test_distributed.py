@@ -15,7 +15,15 @@ import torch
 from curvops.adapters import seed_api
 from curvops.linops import make_operator
 from curvops.linops.data import shard_batches
-from curvops.solvers import lanczos, slq_quadrature
+from curvops.solvers import (
+    cg,
+    hutchinson_diagonal,
+    hutchinson_trace,
+    lanczos,
+    lanczos_coefficients,
+    minres,
+    slq_quadrature,
+)
 from distributed_harness import check_all_ok, run_ranks
 from torch import nn
 
@@ -73,11 +81,26 @@ def operators_worker(rank: int) -> dict:
                 "converged": bool(res.all_converged), "examples": dist_op.total.examples,
                 "local": dist_op.local_total.examples, "offset": dist_op.example_offset,
             }
-    # A solver other than Lanczos, in lockstep: SLQ's nodes and weights on every rank.
-    op = make_operator("ggn", model, nn.CrossEntropyLoss(), rank_batches(rank),
-                       process_group=group)
-    quad = slq_quadrature(op, num_probes=2, lanczos_steps=10, seed=0)
-    out["slq"] = np.concatenate([np.concatenate(quad.nodes), np.concatenate(quad.weights)])
+    # The other solvers, in lockstep: the same bits on every rank, the single process's
+    # results to round-off.
+    loss = nn.CrossEntropyLoss()
+    op = make_operator("ggn", model, loss, rank_batches(rank), process_group=group)
+    ref_op = make_operator("ggn", model, loss, all_batches())
+    b = V[:, 0]
+    for name, run in {
+        "slq": lambda A: np.concatenate(
+            [np.concatenate(q) for q in (lambda r: (r.nodes, r.weights))(
+                slq_quadrature(A, num_probes=2, lanczos_steps=10, seed=0))]),
+        "coefficients": lambda A: np.concatenate(
+            [np.concatenate([np.asarray(x) for x in (*c.alphas, *c.betas)])
+             for c in [lanczos_coefficients(A, V[:, :2], 12)]]),
+        "cg": lambda A: cg(A, b, damping=1e-2, tol=1e-12, maxiter=200).x.numpy(),
+        "minres": lambda A: minres(A, b, damping=1e-2, tol=1e-12, maxiter=200).x.numpy(),
+        "trace": lambda A: np.asarray([hutchinson_trace(A, num_probes=8, seed=0).value]),
+        "diagonal": lambda A: hutchinson_diagonal(A, num_probes=8, seed=0).diagonal.numpy(),
+    }.items():
+        got, want = run(op), run(ref_op)
+        out[name] = {"got": got, "rel": float(np.linalg.norm(got - want) / np.linalg.norm(want))}
     return out
 
 
@@ -165,7 +188,15 @@ def ddp_worker(rank: int) -> dict:
         make_operator("hessian", ddp, loss, rank_batches(rank))
     except ValueError as err:
         refused = str(err)
-    return {"rel": rel(op.matmat(V), ref.matmat(V)), "refused": refused}
+    sharded = ""
+    from torch.distributed.fsdp import fully_shard
+
+    try:
+        make_operator("hessian", fully_shard(mlp()), loss, rank_batches(rank),
+                      process_group=group)
+    except TypeError as err:
+        sharded = str(err)
+    return {"rel": rel(op.matmat(V), ref.matmat(V)), "refused": refused, "sharded": sharded}
 
 
 def resume_worker(rank: int, path: str, crash_at: int | None) -> dict:
@@ -220,8 +251,12 @@ def test_shard_batches_keeps_the_order_and_evens_out_the_ranks():
 
 def test_distributed_operators_equal_the_single_process_operator():
     ranks = check_all_ok(run_ranks(operators_worker))
+    others = ("slq", "coefficients", "cg", "minres", "trace", "diagonal")
+    for key in others:
+        assert ranks[0][key]["rel"] <= 1e-10, (key, ranks[0][key]["rel"])
+        assert np.array_equal(ranks[0][key]["got"], ranks[1][key]["got"]), key
     for key in ranks[0]:
-        if key == "slq":
+        if key in others:
             continue
         for r, out in enumerate(ranks):
             row = out[key]
@@ -233,7 +268,6 @@ def test_distributed_operators_equal_the_single_process_operator():
             assert row["offset"] == (0 if r == 0 else SHARDS[0])
         # Lockstep: the ranks return the same bits.
         assert np.array_equal(ranks[0][key]["eig"], ranks[1][key]["eig"]), key
-    assert np.array_equal(ranks[0]["slq"], ranks[1]["slq"])
 
 
 @pytest.mark.hf
@@ -275,10 +309,11 @@ def test_ranks_that_disagree_are_refused(what):
         assert ("the model" if what == "model" else "vectors of a product") in o.error
 
 
-def test_ddp_models_are_used_through_their_module():
+def test_ddp_models_are_used_through_their_module_fsdp2_shards_are_refused():
     for out in check_all_ok(run_ranks(ddp_worker)):
         assert out["rel"] <= 1e-10
         assert "process_group is None" in out["refused"]
+        assert "is a DTensor sharded across ranks" in out["sharded"]
 
 
 def test_distributed_resume_rank0_writes_every_rank_reads(tmp_path):

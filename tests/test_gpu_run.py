@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from curvops.solvers import LanczosConfig, lanczos
+from curvops.solvers.memory_estimate import lanczos_memory_bytes
 from curvops.validation import gpu_run
 from curvops.validation.crosscheck import DEFAULT_METHODS
 from curvops.validation.gpu_run import estimates, section_scale_ladder
@@ -169,7 +170,7 @@ def test_solver_memory_estimate_covers_the_solvers_own_ledger(strategy, dtype):
     A = ((Q * torch.logspace(0, -3, n, dtype=torch.float64)) @ Q.T).to(dtype)
     res = lanczos(A, config=LanczosConfig(k=k, max_iters=iters, tol=0, reorth=strategy,
                                           return_eigenvectors=False))
-    est = estimates.solver_bytes_estimate(n, strategy, dtype, dtype, iters, k)
+    est = lanczos_memory_bytes(n, strategy, dtype, dtype, iters, k)
     assert est["total"] >= res.peak_memory_bytes
 
 
@@ -179,7 +180,7 @@ def test_iteration_caps_shrink_with_memory_and_time():
     caps = [estimates.fit_iters(n, "full", bf16, 150, 10, g * 2**30) for g in (10, 40, 80)]
     assert caps == sorted(caps) and caps[0] < caps[-1] <= 150
     assert estimates.fit_iters(n, "full", bf16, 150, 10, 1.0) == 0
-    est = estimates.solver_bytes_estimate(n, "full", bf16, bf16, caps[-1], 10)["total"]
+    est = lanczos_memory_bytes(n, "full", bf16, bf16, caps[-1], 10)["total"]
     assert est <= 80 * 2**30
     cuda = torch.device("cuda")
     fast = estimates.iters_in_time(10.0, n, "none", bf16, 0.01, cuda, 10**6)

@@ -249,8 +249,11 @@ def test_forced_tiny_memory_budget_micro_batches_without_changing_the_spectrum()
     )
     per_ex = plan_probe["metadata"]["micro_batch_plan"]["bytes_per_example"]
     fixed = plan_probe["metadata"]["micro_batch_plan"]["fixed_bytes"]
+    # The budget covers the solver's estimate first; the product gets the rest.
+    solver = plan_probe["metadata"]["memory"]["solver_estimate_bytes"]["full"]
     split = compute_fisher_eigenvalues_lanczos(
-        model, b, ggn_mode="true", memory_budget_bytes=int(fixed + 2.5 * per_ex), **ACCURATE
+        model, b, ggn_mode="true", memory_budget_bytes=int(solver + fixed + 2.5 * per_ex),
+        **ACCURATE,
     )
     assert whole["batch_size_used"] == 6 and split["batch_size_used"] == 2
     assert relerr(split["top_eigenvalues"], np.array(whole["top_eigenvalues"])) <= 1e-10
@@ -432,3 +435,53 @@ def test_bad_arguments():
         compute_fisher_eigenvalues_lanczos(
             nn.Linear(3, 1), (torch.zeros(4, 3), torch.zeros(4, 1)), k=1
         )
+
+
+# --- memory budget: the strategy that fits, said; a refusal before any product ---------------
+def _budget_problem():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 5)).double()
+    gen = torch.Generator().manual_seed(1)
+    data = [(torch.randn(64, 20, generator=gen, dtype=torch.float64),
+             torch.randint(0, 5, (64,), generator=gen))]
+    return model, data
+
+
+CE = {"loss_fn": nn.CrossEntropyLoss()}
+
+
+def test_memory_budget_chooses_none_when_the_full_basis_does_not_fit():
+    model, data = _budget_problem()
+    roomy = compute_fisher_eigenvalues_lanczos(model, data, k=3, max_iter=200, tol=1e-10,
+                                               memory_budget_bytes=2**34, **CE)
+    est = roomy["metadata"]["memory"]["solver_estimate_bytes"]
+    assert roomy["metadata"]["memory"]["strategy"] == "full"
+    assert roomy["metadata"]["memory"]["strategy_from"] == "memory budget"
+    # The estimate covers what the solver's ledger counted.
+    assert roomy["metadata"]["memory"]["solver_peak_bytes"] <= est["full"]
+    # A budget between none's and full's estimates (plus the product): none, and said so.
+    plan = roomy["metadata"]["micro_batch_plan"]
+    product = plan["fixed_bytes"] + plan["bytes_per_example"] * 64
+    budget = int(est["none"] + product + 1024)
+    assert budget < est["full"]
+    lean = compute_fisher_eigenvalues_lanczos(model, data, k=3, max_iter=200, tol=1e-10,
+                                              memory_budget_bytes=budget, **CE)
+    mem = lean["metadata"]["memory"]
+    assert mem["strategy"] == "none" and lean["metadata"]["reorth"] == "none"
+    assert "reorth='none' chosen to fit the memory budget" in lean["note"]
+    assert mem["solver_peak_bytes"] <= est["none"]
+    assert all(lean["metadata"]["converged"])
+    np.testing.assert_allclose(lean["top_eigenvalues"], roomy["top_eigenvalues"], rtol=1e-8)
+
+
+def test_a_strategy_that_cannot_fit_is_refused_before_any_product():
+    model, data = _budget_problem()
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    with pytest.raises(MemoryError, match="no solver strategy fits the memory budget"):
+        compute_fisher_eigenvalues_lanczos(model, data, k=3, max_iter=200, reorth="full",
+                                           memory_budget_bytes=10_000, **CE)
+    with pytest.raises(MemoryError, match="reorth='none' needs"):
+        compute_fisher_eigenvalues_lanczos(model, data, k=3, max_iter=200,
+                                           memory_budget_bytes=10_000, **CE)
+    assert not calls  # refused from the estimate alone: no forward pass ran

@@ -8,12 +8,10 @@ Before each run the memory it needs is estimated as
 
 with :math:`M_\text{now}` the memory allocated (weights, cached product state), :math:`P`
 the measured peak a cached product adds (a warm-up product), and :math:`S` the solver's
-own tensors for :math:`m` iterations (:func:`solver_bytes_estimate`). Every finished run
-records :math:`S` beside the solver's own ledger (``LanczosResult.peak_memory_bytes``), so
-the JSON shows whether the estimate covered it.
-
-:math:`S` follows the layout of :mod:`curvops.solvers.lanczos`, which exposes no estimate
-of its own: the constants below mirror its private basis layout and must follow it.
+own tensors for :math:`m` iterations
+(:func:`~curvops.solvers.memory_estimate.lanczos_memory_bytes`). Every finished run records
+:math:`S` beside the solver's own ledger (``LanczosResult.peak_memory_bytes``), so the JSON
+shows whether the estimate covered it.
 """
 
 from __future__ import annotations
@@ -21,73 +19,9 @@ from __future__ import annotations
 import math
 
 import torch
+from curvops.solvers.memory_estimate import lanczos_memory_bytes
 
-__all__ = ["fit_iters", "iters_in_time", "solver_bytes_estimate"]
-
-# Rows per block of the solver's Krylov basis (one block of min(m+1, 64) rows first).
-BASIS_BLOCK_ROWS = 64
-# Float32 rows of a low-precision basis alive at once: full/selective upcast 32-row chunks
-# and the next chunk is made while the last is still referenced (2 x 32); partial upcasts
-# one run of consecutive rows of a block (<= 64).
-UPCAST_ROWS = {"full": 64, "selective": 64, "partial": 64}
-# Selective's cache of good Ritz vectors grows in blocks of this many rows.
-SELECTIVE_CACHE_BLOCK_ROWS = 16
-
-
-def solver_bytes_estimate(n: int, strategy: str, op_dtype: torch.dtype,
-                          basis_dtype: torch.dtype, iters: int, k: int) -> dict[str, int]:
-    r"""Bytes the Lanczos solver itself allocates (not the operator's).
-
-    * ``none``: five working vectors (float32; float64 for a float64 basis) live through
-      the run — the normalised start vector (held by :func:`~curvops.solvers.lanczos`), its
-      rounding to the basis dtype (kept for a second pass), :math:`v_\text{prev}`,
-      :math:`v` and :math:`w` — plus one vector of the basis dtype while the next vector is
-      rounded;
-    * ``full``/``selective``/``partial``: the start vector, :math:`v`, :math:`v_\text{prev}`
-      and :math:`w` (four working vectors); the basis in blocks of :math:`\min(m+1, 64)`
-      rows of the basis dtype; for a low-precision basis, up to 64 rows upcast to float32
-      at once (two live 32-row chunks for full/selective, one run of a block for partial);
-      selective's cache of good Ritz vectors, working vectors in 16-row blocks: assumed
-      :math:`k + 2` of them (one block for :math:`k \le 14`) plus :math:`k + 2` being
-      formed — good Ritz vectors at the other end of the spectrum add blocks;
-    * the product's input, cast to the operator's dtype when that differs from the working
-      dtype; the start vector is drawn and normalised (two copies) before anything else;
-    * the verification: the k Ritz vectors, the Lanczos relation's prediction of their
-      products and the products themselves (``none``: vectors and products of the second
-      pass, which forms one vector per copy of a wanted value: numerically multiple copies
-      add vectors this estimate does not count).
-
-    Args:
-        n: Operator size.
-        strategy: ``full``, ``selective``, ``partial`` or ``none``.
-        op_dtype: The operator's dtype.
-        basis_dtype: The Krylov vectors' storage dtype.
-        iters: Iteration cap :math:`m`.
-        k: Wanted eigenvalues.
-
-    Returns:
-        The parts and their ``total``, in bytes.
-    """
-    work = 8 if basis_dtype == torch.float64 else 4
-    b_c = torch.empty(0, dtype=basis_dtype).element_size()
-    b_op = torch.empty(0, dtype=op_dtype).element_size()
-    cast = n * b_op if b_op != work else 0
-    parts = {"start_vector": 2 * n * work, "input_cast": cast}
-    if strategy == "none":
-        parts["vectors"] = 5 * n * work + n * b_c
-    else:
-        rows = min(iters + 1, BASIS_BLOCK_ROWS)
-        parts["basis"] = math.ceil((iters + 1) / rows) * rows * n * b_c
-        parts["upcast"] = 0 if b_c == work else min(UPCAST_ROWS[strategy], iters) * n * work
-        parts["vectors"] = 4 * n * work
-        block = SELECTIVE_CACHE_BLOCK_ROWS
-        cache_rows = block * math.ceil((k + 2) / block) + k + 2
-        parts["selective_cache"] = cache_rows * n * work if strategy == "selective" else 0
-    parts["verification"] = 3 * k * n * work + k * n * b_op
-    parts["total"] = max(parts["start_vector"], sum(v for key, v in parts.items()
-                                                    if key != "start_vector"))
-    return parts
-
+__all__ = ["fit_iters", "iters_in_time"]
 
 def fit_iters(n: int, strategy: str, op_dtype: torch.dtype, cap: int, k: int,
               available: float) -> int:
@@ -95,7 +29,7 @@ def fit_iters(n: int, strategy: str, op_dtype: torch.dtype, cap: int, k: int,
     lo, hi = 0, cap
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if solver_bytes_estimate(n, strategy, op_dtype, op_dtype, mid, k)["total"] <= available:
+        if lanczos_memory_bytes(n, strategy, op_dtype, op_dtype, mid, k)["total"] <= available:
             lo = mid
         else:
             hi = mid - 1

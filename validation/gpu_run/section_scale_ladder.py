@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from curvops.solvers.memory_estimate import lanczos_memory_bytes
 
 from ...linops import GGNOperator
 from ...linops.hf import hf_objective
@@ -32,7 +33,7 @@ from ..report import json_ready
 from ..zoo import token_data
 from .context import Run
 from .device import GIB, error_record, free, measured, memory_figures, move
-from .estimates import fit_iters, iters_in_time, solver_bytes_estimate
+from .estimates import fit_iters, iters_in_time
 from .language_models import build_lm, count_parameters
 from .report import count_text
 from .settings import LadderSpec, dtype_name
@@ -102,7 +103,7 @@ def _lanczos_case(run: Run, spec: LadderSpec, model_rec: dict[str, Any], op: Any
         usable = MEMORY_HEADROOM * total - now - product_peak
         if strategy != "none":
             fit = fit_iters(n, strategy, dtype, cap, s.k, usable)
-            est = solver_bytes_estimate(n, strategy, dtype, dtype, max(fit, min_iters), s.k)
+            est = lanczos_memory_bytes(n, strategy, dtype, dtype, max(fit, min_iters), s.k)
             case["memory_estimate"] = dict(est, allocated_now=now, product_peak=product_peak,
                                            total_device=total, iters_that_fit=fit)
             if fit < min_iters:
@@ -115,7 +116,7 @@ def _lanczos_case(run: Run, spec: LadderSpec, model_rec: dict[str, Any], op: Any
                 mem_note = f"iterations capped at {fit} by memory"
             cap = fit
         else:
-            est = solver_bytes_estimate(n, strategy, dtype, dtype, cap, s.k)
+            est = lanczos_memory_bytes(n, strategy, dtype, dtype, cap, s.k)
             need = now + product_peak + est["total"]
             case["memory_estimate"] = dict(est, allocated_now=now, product_peak=product_peak,
                                            total_device=total,
@@ -145,7 +146,7 @@ def _lanczos_case(run: Run, spec: LadderSpec, model_rec: dict[str, Any], op: Any
     try:
         with measured(run.device) as mem:
             res = lanczos(op, config=config)
-        estimate = solver_bytes_estimate(n, strategy, dtype, dtype, iters, s.k)
+        estimate = lanczos_memory_bytes(n, strategy, dtype, dtype, iters, s.k)
         updates: dict[str, Any] = {
             "status": "ok",
             "eigenvalues": [float(v) for v in res.eigenvalues],
@@ -279,7 +280,7 @@ def _compare_run(run: Run, spec: LadderSpec, rec: dict[str, Any], model: torch.n
                  / torch.empty(0, dtype=spec.dtype).element_size())
         total = torch.cuda.mem_get_info(run.device)[1]
         product_peak = rec["product"][dtype_name(spec.dtype)]["cached_peak_above_before_bytes"]
-        est = solver_bytes_estimate(n, spec.compare_strategy, spec.compare_dtype,
+        est = lanczos_memory_bytes(n, spec.compare_strategy, spec.compare_dtype,
                                     spec.compare_dtype, spec.max_iters, s.k)
         need = ratio * (rec["weights_bytes"] + product_peak) + est["total"]
         if need > MEMORY_HEADROOM * total:
