@@ -342,3 +342,30 @@ def _fake_ddp() -> nn.Module:
     nn.Module.__init__(ddp)
     ddp.module = mlp()
     return ddp
+
+
+def test_torchrun_spectrum_prints_the_single_process_report_once(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun is not installed beside this python")
+    args = ["spectrum", "mlp", "--k", "3", "--dtype", "float64", "--tol", "1e-12",
+            "--operator", "ef"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    single = subprocess.run([sys.executable, "-m", "curvops", *args], capture_output=True,
+                            text=True, timeout=120, env=env, cwd=tmp_path)
+    many = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2",
+                           "-m", "curvops", *args, "--timeout", "60"], capture_output=True,
+                          text=True, timeout=180, env=env, cwd=tmp_path)
+    assert single.returncode == 0, single.stderr
+    assert many.returncode == 0, many.stderr
+    assert many.stdout.count('"top_eigenvalues"') == 1  # rank 0 prints, rank 1 does not
+    one, two = json.loads(single.stdout), json.loads(many.stdout)
+    np.testing.assert_allclose(two["top_eigenvalues"], one["top_eigenvalues"], rtol=1e-10)
+    assert two["metadata"]["ranks"] == 2 and one["metadata"]["ranks"] == 1
+    assert two["metadata"]["num_examples"] == one["metadata"]["num_examples"]

@@ -10,7 +10,7 @@ with status 1 when any row fails.
 ``package.module:factory`` (the factory returns ``(model, loss_fn, data)``, or a
 transformers model, for which token data is synthesised), or a local HuggingFace
 directory (loaded with ``local_files_only=True``; no hub access). Launched by
-``torchrun --nproc-per-node N -m curvops spectrum ...``, every rank takes a contiguous
+``torchrun --standalone --nproc-per-node N -m curvops spectrum ...``, every rank takes a contiguous
 share of the data (:func:`curvops.linops.data.shard_batches`), the operators sum over the
 ranks (gloo), and rank 0 prints the same report as one process would.
 
