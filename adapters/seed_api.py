@@ -77,7 +77,7 @@ GGN_MODES = tuple(_GGN_MODE_OPERATOR)
 OPERATOR_TYPES = operator_names()
 _LARGE_MODEL = 10**9  # where the seed cut max_iter (we do not)
 #: Share of the device's free memory a run may use when no ``memory_budget_bytes`` is given.
-MEMORY_BUDGET_SHARE = 0.5
+MEMORY_BUDGET_SHARE = 0.7
 #: The strategies tried, in order, when the call names none: full reorthogonalization
 #: (its basis grows with the iterations), then none (a constant number of vectors).
 _STRATEGY_PREFERENCE = ("full", "none")
