@@ -31,6 +31,7 @@ def cullum_willoughby(
     rel_tol: float | None = None,
     merge_rel_tol: float | None = None,
     genuine: np.ndarray | None = None,
+    theta_hat: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     r"""Cullum–Willoughby identification test for Lanczos without reorthogonalization.
 
@@ -71,6 +72,7 @@ def cullum_willoughby(
             default ``rel_tol``.
         genuine: Optional boolean mask over ``theta``: values that must not be dropped
             as spurious (e.g. those whose residual bound has converged).
+        theta_hat: Eigenvalues of :math:`\hat T_m` (ascending), if already known.
 
     Returns:
         ``(values, representatives, n_spurious)``: the distinct good values (ascending),
@@ -88,24 +90,27 @@ def cullum_willoughby(
     scale = max(tnorm, np.finfo(float).tiny)
     tol = (100.0 * m * EPS64 if rel_tol is None else rel_tol) * scale
     merge_tol = tol if merge_rel_tol is None else max(merge_rel_tol * scale, tol)
-    theta_hat = tridiag_eigvals(alpha[1:], beta[1:])
+    if theta_hat is None:
+        theta_hat = tridiag_eigvals(alpha[1:], beta[1:])
 
     # Group numerically multiple copies (theta is ascending).
     starts = np.flatnonzero(np.concatenate([[True], np.diff(theta) > merge_tol]))
-    ends = np.concatenate([starts[1:], [m]])
-    values, reps, n_spurious = [], [], 0
-    for s, e in zip(starts, ends):
-        if e - s == 1:
-            pos = np.searchsorted(theta_hat, theta[s])
-            near = [
-                abs(theta_hat[i] - theta[s]) for i in (pos - 1, pos) if 0 <= i < theta_hat.size
-            ]
-            if near and min(near) <= tol and not (genuine is not None and genuine[s]):
-                n_spurious += 1
-                continue
-        values.append(theta[s:e].mean())
-        reps.append(s)
-    return np.asarray(values), np.asarray(reps, dtype=np.int64), n_spurious
+    sizes = np.diff(np.concatenate([starts, [m]]))
+    # Distance of each group's first value to the nearest eigenvalue of T-hat (its two
+    # neighbours in the sorted theta_hat); only simple groups can be spurious.
+    first = theta[starts]
+    pos = np.searchsorted(theta_hat, first)
+    left = np.where(pos > 0, np.abs(theta_hat[np.maximum(pos - 1, 0)] - first), np.inf)
+    right = np.where(pos < theta_hat.size,
+                     np.abs(theta_hat[np.minimum(pos, theta_hat.size - 1)] - first), np.inf)
+    spurious = (sizes == 1) & (np.minimum(left, right) <= tol)
+    if genuine is not None:
+        spurious &= ~np.asarray(genuine, dtype=bool)[starts]
+    keep = ~spurious
+    values = first.copy()
+    for g in np.flatnonzero(sizes > 1):  # ghost copies: one value, their mean
+        values[g] = theta[starts[g] : starts[g] + sizes[g]].mean()
+    return values[keep], starts[keep].astype(np.int64), int(spurious.sum())
 
 
 class GhostFilter:
@@ -182,29 +187,35 @@ class GhostFilter:
                    self.GHOST_SPREAD * self.defect)
 
     def ritz(self, alpha: np.ndarray, beta_off: np.ndarray, beta_next: float, tol: float):
-        """Wanted (theta, values, representatives, positions, n_spurious) after the test.
+        """Wanted (theta, values, representatives, positions, n_spurious, decomposition)
+        after the test; the decomposition ``(S, theta_hat)`` (the eigenvectors of T and the
+        eigenvalues of T-hat, None where not computed) is reused by :meth:`bounds` and
+        :meth:`gap_in_wanted` on the same tridiagonal.
 
         A Ritz value whose residual bound meets the convergence threshold is within that
         bound of an eigenvalue of A (Paige), so the CW test never drops it as spurious: a
         weakly represented genuine eigenvalue (small first component of its eigenvector of
         T) matches an eigenvalue of T-hat to about ``s_1^2 ||T||``, inside the tolerance.
         """
+        S = theta_hat = None
         if self.enabled:
             theta, S = tridiag_eigh(alpha, beta_off)
             tnorm = float(np.max(np.abs(theta)))
             genuine = (residual_bounds(S[-1], beta_next)
                        <= convergence_thresholds(theta, tnorm, tol))
+            theta_hat = tridiag_eigvals(alpha[1:], beta_off[1:]) if alpha.size > 1 else None
             values, reps, n_spur = cullum_willoughby(
                 alpha, beta_off, theta, self.cw_rel_tol(alpha.size),
-                self.merge_rel_tol(alpha.size), genuine=genuine)
+                self.merge_rel_tol(alpha.size), genuine=genuine, theta_hat=theta_hat)
         else:
             theta = tridiag_eigvals(alpha, beta_off)
             values, reps, n_spur = theta, np.arange(theta.size), 0
         idx = select_which(values, self.k, self.which)
-        return theta, values, reps, idx, n_spur
+        return theta, values, reps, idx, n_spur, (S, theta_hat)
 
     def gap_in_wanted(self, alpha: np.ndarray, beta_off: np.ndarray, theta: np.ndarray,
-                      reps: np.ndarray, sel: np.ndarray) -> bool:
+                      reps: np.ndarray, sel: np.ndarray,
+                      theta_hat: np.ndarray | None = None) -> bool:
         """Whether an unresolved dropped value lies among the wanted ones (do not stop).
 
         The CW tolerance is widened to the working precision, so it also drops genuine
@@ -240,13 +251,16 @@ class GhostFilter:
         cand = cand[inside]
         if cand.size == 0:
             return False
-        theta_hat = tridiag_eigvals(alpha[1:], beta_off[1:])
+        if theta_hat is None:
+            theta_hat = tridiag_eigvals(alpha[1:], beta_off[1:])
         dist = np.min(np.abs(theta_hat[:, None] - cand[None, :]), axis=0)
         return bool(np.any(dist > 100.0 * m * EPS64 * tnorm))
 
-    def bounds(self, alpha, beta_off, theta, reps_sel, beta_next):
+    def bounds(self, alpha, beta_off, theta, reps_sel, beta_next, S=None):
         """Residual bounds of the chosen values (best copy of a ghost group), and the
         eigenvectors of T of every copy of each group (columns), for the Ritz vectors.
+        ``S``: all eigenvectors of T when :meth:`ritz` computed them (else the needed
+        range is computed here).
 
         Returns:
             ``(bounds, groups, best)``: the best bound per value, one (m, copies) matrix per
@@ -264,7 +278,10 @@ class GhostFilter:
             spans.append((r, hi))
         lo_all = min(g[0] for g in spans)
         hi_all = max(g[1] for g in spans)
-        _, S = tridiag_eigh(alpha, beta_off, (int(lo_all), int(hi_all)))
+        if S is None:
+            _, S = tridiag_eigh(alpha, beta_off, (int(lo_all), int(hi_all)))
+        else:
+            S = S[:, int(lo_all) : int(hi_all) + 1]
         bounds, best, groups = [], [], []
         for lo, hi in spans:
             cols = np.arange(lo, hi + 1) - lo_all

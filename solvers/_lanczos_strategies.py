@@ -41,6 +41,7 @@ from ._tridiagonal import (
     convergence_thresholds,
     select_which,
     tridiag_eigh,
+    wanted_ritz,
 )
 
 __all__ = ["Extracted", "Step", "Strategy", "make_strategy"]
@@ -265,6 +266,14 @@ class _BasisStrategy(Strategy):
     #: against the whole basis before the breakdown test.
     NEAR_INVARIANT = 1e-3
 
+    #: Whether the strategy reads every Ritz pair each iteration (selective: its good
+    #: vectors can be any); the others read only the wanted ones.
+    ALL_PAIRS = False
+
+    #: From this many iterations (and 4k), the convergence test computes the wanted
+    #: eigenpairs of T only (:func:`wanted_ritz`): below it all pairs cost less.
+    WANTED_ONLY_FROM = 96
+
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
         block = block_rows_for(ctx.n, ctx.dtype_c, ctx.basis_device, ctx.m_max + 1)
@@ -323,9 +332,14 @@ class _BasisStrategy(Strategy):
         ctx = self.ctx
         if ctx.tol <= 0 or m < ctx.k:
             return False
-        theta, S = self._eigh(m, alpha, beta)
+        if not self.ALL_PAIRS and m >= max(self.WANTED_ONLY_FROM, 4 * ctx.k):
+            # The test reads the wanted values and the last entries of their vectors only.
+            theta, S, tnorm = wanted_ritz(np.asarray(alpha[:m]), np.asarray(beta[1:m]),
+                                          ctx.k, ctx.cfg.which)
+        else:
+            theta, S = self._eigh(m, alpha, beta)
+            tnorm = float(np.max(np.abs(theta)))
         idx = select_which(theta, ctx.k, ctx.cfg.which)
-        tnorm = float(np.max(np.abs(theta)))
         bounds = abs(beta_next) * np.abs(S[-1, idx])
         conv = bounds <= convergence_thresholds(theta[idx], tnorm, ctx.tol)
         if ctx.pbar is not None:
@@ -386,16 +400,29 @@ class _BasisStrategy(Strategy):
                 idx_rr = select_which(th_rr, ctx.k, cfg.which)
                 values, S_sel, rr_done = th_rr[idx_rr], S_rr[:, idx_rr], True
         Y = pred = None
-        if (want_vectors or ctx.verify) and values.size:
+        if ctx.verify and values.size and not want_vectors:
+            # The Ritz vectors V^T S and the relation's V^T (C S) in one pass over the basis
+            # (only when the vectors are not returned: a returned view would keep the
+            # prediction's memory alive).
+            p = values.size
+            YP = self.basis.combine_rows(np.hstack([S_sel, C @ S_sel]), m, ctx.work)
+            YP = YP.to(ctx.device)
+            Y, pred = YP[:p], YP[p:]
+            ctx.ledger.alloc(Y)
+        elif (want_vectors or ctx.verify) and values.size:
             Y = self.basis.combine_rows(S_sel, m, ctx.work).to(ctx.device)
             ctx.ledger.alloc(Y)
-        if ctx.verify and values.size:
-            pred = self.basis.combine_rows(C @ S_sel, m, ctx.work).to(ctx.device)
+            if ctx.verify:
+                pred = self.basis.combine_rows(C @ S_sel, m, ctx.work).to(ctx.device)
+        if pred is not None:
             pred.addr_(torch.as_tensor(S_sel[-1], dtype=ctx.work, device=ctx.device),
                        w_last.to(ctx.work))
             if cache is not None and cache.count:
-                pred.add_(cache.Y.combine_rows(D @ S_sel, cache.count, ctx.work)
-                          .to(ctx.device))
+                if cache.Y.device == pred.device:
+                    cache.Y.combine_rows(D @ S_sel, cache.count, ctx.work, out=pred)
+                else:
+                    pred.add_(cache.Y.combine_rows(D @ S_sel, cache.count, ctx.work)
+                              .to(ctx.device))
             ctx.ledger.alloc(pred)
         return Extracted(values, bounds, bound_conv, Y, None, pred, tnorm,
                          orthogonality_loss=ortho, regularization_used=reg_used,
@@ -559,6 +586,7 @@ class SelectiveReorth(_BasisStrategy):
 
     name = "selective"
     OMEGA_NOISE = 10.0
+    ALL_PAIRS = True
 
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
@@ -603,8 +631,13 @@ class SelectiveReorth(_BasisStrategy):
         new = self.cache.new_good(theta, S, bounds, tnorm)
         if new.size:
             Y = self.basis.combine_rows(S[:, new], m, ctx.work).to(ctx.device)
+            before = self.cache.count
             self.cache.add(S[:, new], Y)
-            _, d = self.cache.project(st.w)
+            # w was projected against the earlier cache in orthogonalize(); since then
+            # only the local pass (a multiple of v_j of the order of the rounding) or a
+            # pass against the whole basis touched it, so the new vectors are all that is
+            # left to project against.
+            _, d = self.cache.project(st.w, start=before)
             self.relation.add_cache(st.j, d)
             st.beta_next = float(torch.linalg.vector_norm(st.w))
             if ctx.breaks_down(st.beta_next):
@@ -665,12 +698,12 @@ class NoReorth(Strategy):
         if not (ctx.tol > 0 and m >= ctx.k):
             return False
         a, b = np.asarray(alpha), np.asarray(beta[1:m])
-        theta, values, reps, idx, _ = self.filter.ritz(a, b, beta_next, ctx.tol)
-        bnds, _groups, _ = self.filter.bounds(a, b, theta, reps[idx], beta_next)
+        theta, values, reps, idx, _, (S, theta_hat) = self.filter.ritz(a, b, beta_next, ctx.tol)
+        bnds, _groups, _ = self.filter.bounds(a, b, theta, reps[idx], beta_next, S)
         tnorm = float(np.max(np.abs(theta)))
         conv = self.filter.lock(values[idx], bnds, tnorm, ctx.tol)
         return (idx.size >= ctx.k and bool(conv.all())
-                and not self.filter.gap_in_wanted(a, b, theta, reps, values[idx]))
+                and not self.filter.gap_in_wanted(a, b, theta, reps, values[idx], theta_hat))
 
     def advance(self, m, st):
         return self._round(st.w / st.beta_next)
@@ -693,8 +726,8 @@ class NoReorth(Strategy):
         ctx = self.ctx
         a, b = np.asarray(alpha), np.asarray(beta[1:m])
         tol = ctx.tol or 1e-8
-        theta, values, reps, idx, n_spur = self.filter.ritz(a, b, beta_next, tol)
-        bnds, groups, best = self.filter.bounds(a, b, theta, reps[idx], beta_next)
+        theta, values, reps, idx, n_spur, (S, _) = self.filter.ritz(a, b, beta_next, tol)
+        bnds, groups, best = self.filter.bounds(a, b, theta, reps[idx], beta_next, S)
         if ctx.cfg.cullum_willoughby and best.size:
             # Of numerically multiple copies, report the best-converged one.
             values = values.copy()
@@ -758,9 +791,15 @@ class NoReorth(Strategy):
         return Y, AY
 
 
+#: Columns per chunk of the float64 work of :func:`_combine_copies`: a few (c, 32768)
+#: float64 blocks at a time instead of float64 copies of whole (c, n) blocks (on the CPU,
+#: their page faults cost more than the arithmetic).
+_COMBINE_COLS = 1 << 15
+
+
 def _combine_copies(Y: torch.Tensor, AY: torch.Tensor, groups: list[np.ndarray],
                     values: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """One Ritz vector per value from the vectors of all its ghost copies.
+    r"""One Ritz vector per value from the vectors of all its ghost copies.
 
     Each copy's Ritz vector may hold only part of the eigenvector (its norm below one),
     and its residual is the same vector :math:`\beta_{m+1} v_{m+1}` times its last
@@ -768,34 +807,54 @@ def _combine_copies(Y: torch.Tensor, AY: torch.Tensor, groups: list[np.ndarray],
     Rayleigh–Ritz pair of their span nearest the value, and the vector of their span with
     the smallest residual for the value (the pencil :math:`(R R^\top, Y Y^\top)`, R the
     copies' residuals). The candidate with the smallest residual is kept: whichever it is,
-    its residual is a true one, measured with the second pass's products.
+    its residual is a true one, measured with the second pass's products (explicitly,
+    :math:`\|C(AY) - \theta\, C Y\|` per candidate, in float64: a combination that cancels
+    the copies' residuals is not read off their Gram matrix). A value with one copy keeps
+    it as it is.
     """
-    rows, arows, start = [], [], 0
-    for g, val in zip(groups, values):
+    p, n = len(groups), Y.shape[1]
+    out_y = torch.empty(p, n, dtype=Y.dtype, device=Y.device)
+    out_a = torch.empty(p, n, dtype=Y.dtype, device=Y.device)
+    chunks = [slice(c0, min(n, c0 + _COMBINE_COLS)) for c0 in range(0, n, _COMBINE_COLS)]
+    start = 0
+    for r, (g, val) in enumerate(zip(groups, values)):
         c = g.shape[1]
-        Yg, Ag = Y[start : start + c].double(), AY[start : start + c].double()
+        Yg, Ag = Y[start : start + c], AY[start : start + c]
         start += c
+        if c == 1:
+            out_y[r].copy_(Yg[0])
+            out_a[r].copy_(Ag[0])
+            continue
+        G, H, K = (torch.zeros(c, c, dtype=torch.float64, device=Y.device) for _ in range(3))
+        for cols in chunks:
+            Yd, Ad = Yg[:, cols].double(), Ag[:, cols].double()
+            Rd = Ad - val * Yd
+            G.addmm_(Yd, Yd.T)
+            H.addmm_(Yd, Ad.T)
+            K.addmm_(Rd, Rd.T)
+        G, H, K = (M.cpu().numpy() for M in (G, H, K))
         cands = [np.eye(c)[i] for i in range(c)]
-        if c > 1:
-            G = (Yg @ Yg.T).cpu().numpy()
-            H = (Yg @ Ag.T).cpu().numpy()
-            Rg = Ag - val * Yg
-            K = (Rg @ Rg.T).cpu().numpy()
-            try:
-                w, X = scipy.linalg.eigh((H + H.T) / 2.0, G)
-                cands.append(X[:, int(np.argmin(np.abs(w - val)))])
-                _, X = scipy.linalg.eigh((K + K.T) / 2.0, G)
-                cands.append(X[:, 0])
-            except (np.linalg.LinAlgError, ValueError):  # copies numerically dependent
-                pass
+        try:
+            w, X = scipy.linalg.eigh((H + H.T) / 2.0, G)
+            cands.append(X[:, int(np.argmin(np.abs(w - val)))])
+            _, X = scipy.linalg.eigh((K + K.T) / 2.0, G)
+            cands.append(X[:, 0])
+        except (np.linalg.LinAlgError, ValueError):  # copies numerically dependent
+            pass
         C = torch.as_tensor(np.stack(cands), dtype=torch.float64, device=Y.device)
-        Yc, Ac = C @ Yg, C @ Ag
-        res = (torch.linalg.vector_norm(Ac - val * Yc, dim=1)
-               / torch.linalg.vector_norm(Yc, dim=1).clamp_min(1e-300))
-        i = int(torch.argmin(res))
-        rows.append(Yc[i].to(Y.dtype))
-        arows.append(Ac[i].to(Y.dtype))
-    return torch.stack(rows), torch.stack(arows)
+        res2 = torch.zeros(C.shape[0], dtype=torch.float64, device=Y.device)
+        y2 = torch.zeros_like(res2)
+        for cols in chunks:
+            Yc = C @ Yg[:, cols].double()
+            Rc = C @ Ag[:, cols].double() - val * Yc
+            y2 += (Yc * Yc).sum(dim=1)
+            res2 += (Rc * Rc).sum(dim=1)
+        i = int(torch.argmin(res2.sqrt() / y2.sqrt().clamp_min(1e-300)))
+        # The same (rounded) coefficients for y and A y: a consistent pair.
+        coef = C[i].to(Y.dtype)
+        torch.mv(Yg.T, coef, out=out_y[r])
+        torch.mv(Ag.T, coef, out=out_a[r])
+    return out_y, out_a
 
 
 _STRATEGIES = {"full": FullReorth, "selective": SelectiveReorth, "partial": PartialReorth,

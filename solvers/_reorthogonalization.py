@@ -235,12 +235,24 @@ class KrylovBasis:
         if not same:
             w.add_(acc.to(w.device))
 
-    def combine_rows(self, S: np.ndarray, j: int, dtype: torch.dtype) -> torch.Tensor:
-        """``S^T V_j`` for a (j, p) float64 matrix ``S``: p vectors (rows), ``dtype``."""
+    def combine_rows(self, S: np.ndarray, j: int, dtype: torch.dtype,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+        """``S^T V_j`` for a (j, p) float64 matrix ``S``: p vectors (rows), ``dtype``.
+
+        With ``out`` ((p, n), ``dtype``, on the basis's device) the product is added to it
+        in place (no temporary) and ``out`` is returned.
+        """
         St = torch.as_tensor(np.ascontiguousarray(S.T), dtype=dtype, device=self.device)
-        out = torch.zeros(St.shape[0], self.n, dtype=dtype, device=self.device)
+        fresh = out is None
+        if fresh:
+            if j == 0:
+                return torch.zeros(St.shape[0], self.n, dtype=dtype, device=self.device)
+            # The first row chunk writes (beta=0 ignores the uninitialized values): no
+            # zero-filling pass.
+            out = torch.empty(St.shape[0], self.n, dtype=dtype, device=self.device)
         for r0, cols, c in self._chunks(j, dtype):
-            out[:, cols].addmm_(St[:, r0 : r0 + c.shape[0]], c)
+            out[:, cols].addmm_(St[:, r0 : r0 + c.shape[0]], c,
+                                beta=0.0 if fresh and r0 == 0 else 1.0)
         return out
 
     def row(self, j: int) -> torch.Tensor:
@@ -504,9 +516,12 @@ class SelectiveCache:
         if not kept:
             return
         Lt = torch.as_tensor(L[kept], dtype=Y_new.dtype, device=Y_new.device)
-        Q = Lt @ Y_new
-        for r in range(Q.shape[0]):
-            self.Y.set(self._count, Q[r])
+        for r in range(Lt.shape[0]):  # straight into the cache's rows (no temporary)
+            row = self.Y.row(self._count)
+            if row.dtype == Y_new.dtype:
+                torch.mv(Y_new.T, Lt[r], out=row)
+            else:
+                row.copy_(Y_new.T @ Lt[r])
             self._count += 1
 
     def state_dict(self) -> dict[str, object]:
@@ -525,12 +540,22 @@ class SelectiveCache:
         self._count = int(state["vectors"].shape[0])
         self.good_bound = float(state["good_bound"])
 
-    def project(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Orthogonalize ``w`` against every good Ritz vector (one CGS pass; no sync).
+    def project(self, w: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Orthogonalize ``w`` against the good Ritz vectors ``start..count-1`` (one CGS
+        pass; no sync).
+
+        Args:
+            w: The vector, updated in place.
+            start: First cached vector to project against; the earlier ones are those
+                ``w`` was already projected against (see the selective strategy).
 
         Returns:
-            ``(w, d)``: ``w`` updated in place and its coefficients ``d`` along the cache.
+            ``(w, d)``: ``w`` updated in place and its coefficients ``d`` along the cache
+            (length ``count``, zero on the rows before ``start``).
         """
-        if self._count == 0:
-            return w, w.new_zeros(0)
-        return self.Y.cgs(w, self._count)
+        if self._count <= start:
+            return w, w.new_zeros(self._count)
+        if start == 0:
+            return self.Y.cgs(w, self._count)
+        w, h, _ = self.Y.project_rows(np.arange(start, self._count), w)
+        return w, torch.cat([h.new_zeros(start), h])

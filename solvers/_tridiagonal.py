@@ -29,6 +29,7 @@ __all__ = [
     "select_which",
     "tridiag_eigh",
     "tridiag_eigvals",
+    "wanted_ritz",
 ]
 
 EPS64 = float(np.finfo(np.float64).eps)
@@ -70,9 +71,15 @@ def tridiag_eigh(
     try:
         if index_range is None:
             return scipy.linalg.eigh_tridiagonal(alpha, beta)
-        return scipy.linalg.eigh_tridiagonal(
-            alpha, beta, select="i", select_range=index_range
-        )
+        try:
+            # MRRR on the range: O(m p) work (bisection and inverse iteration cost more).
+            return scipy.linalg.eigh_tridiagonal(
+                alpha, beta, select="i", select_range=index_range, lapack_driver="stemr"
+            )
+        except (np.linalg.LinAlgError, ValueError):  # pragma: no cover - MRRR declined
+            return scipy.linalg.eigh_tridiagonal(
+                alpha, beta, select="i", select_range=index_range
+            )
     except (np.linalg.LinAlgError, ValueError):  # pragma: no cover - LAPACK failure is rare
         warnings.warn("eigh_tridiagonal failed; falling back to dense eigh", stacklevel=2)
         theta, S = np.linalg.eigh(_dense(alpha, beta))
@@ -80,6 +87,52 @@ def tridiag_eigh(
             lo, hi = index_range
             theta, S = theta[lo : hi + 1], S[:, lo : hi + 1]
         return theta, S
+
+
+def wanted_ritz(
+    alpha: np.ndarray, beta: np.ndarray, k: int, which: str
+) -> tuple[np.ndarray, np.ndarray, float]:
+    r"""The Ritz pairs a convergence test reads, without all :math:`m` eigenvectors.
+
+    The ``k`` values ``which`` selects are among the ``k`` smallest and the ``k`` largest
+    eigenvalues of :math:`T_m` ("LA": the top ``k``; "SA": the bottom ``k``; "LM" and
+    "BE": some of the top and the rest of the bottom ones), and :math:`\|T_m\|` is
+    :math:`\max(|\theta_{\min}|, |\theta_{\max}|)`. So only those end ranges need
+    eigenvectors (MRRR on an index range: :math:`O(km)` instead of the :math:`O(m^2)` of
+    all pairs), plus one end eigenvalue by bisection where its range is not computed.
+    ``select_which(theta, k, which)`` on the returned values picks the same values as on
+    the whole spectrum.
+
+    Args:
+        alpha: Diagonal, length m.
+        beta: Off-diagonal, length m - 1.
+        k: Number of wanted values; needs ``2k <= m`` (disjoint end ranges).
+        which: "LA", "SA", "LM" or "BE".
+
+    Returns:
+        ``(theta, S, tnorm)``: the end-range eigenvalues (ascending), their eigenvectors
+        (columns), and :math:`\|T_m\|`.
+    """
+    alpha = np.asarray(alpha, dtype=np.float64)
+    beta = np.asarray(beta, dtype=np.float64)
+    m = alpha.size
+    if not 2 * k <= m:
+        raise ValueError(f"wanted_ritz needs 2k <= m (k={k}, m={m})")
+    thetas, vecs, ends = [], [], []
+    for lo, hi, wanted in ((0, k - 1, which in ("SA", "LM", "BE")),
+                           (m - k, m - 1, which in ("LA", "LM", "BE"))):
+        if wanted:
+            th, S = tridiag_eigh(alpha, beta, (lo, hi))
+            thetas.append(th)
+            vecs.append(S)
+            ends.append(th[0] if lo == 0 else th[-1])
+        else:  # only the end eigenvalue, for the norm
+            end = lo if lo == 0 else hi
+            ends.append(float(scipy.linalg.eigh_tridiagonal(
+                alpha, beta, eigvals_only=True, select="i", select_range=(end, end))[0]))
+    theta = np.concatenate(thetas)
+    S = np.concatenate(vecs, axis=1)
+    return theta, S, float(max(abs(ends[0]), abs(ends[1])))
 
 
 def _dense(alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:

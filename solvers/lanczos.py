@@ -939,16 +939,27 @@ class _Run:
         mv_before = self.matvecs
         vecs = None
         if ext.Y is not None:
+            # The strategy's Y, AY and prediction are the run's own tensors: they are
+            # scaled to unit rows in place, and the product of the unit Ritz vectors is
+            # read through a view (no (k, n) temporaries: on the CPU each costs page
+            # faults worth a good part of a product).
             ynorm = torch.linalg.vector_norm(ext.Y, dim=1, keepdim=True)
-            Yn = ext.Y / ynorm
+            Yn = ext.Y.div_(ynorm)
             if self.verify:
-                AY = ext.AY
+                AY, scratch = ext.AY, ext.predicted
                 if AY is None:  # one batched product of the Ritz vectors
                     Z = self.timer.block(self.op, Yn.T.to(self.op.dtype))
                     self.matvecs += Yn.shape[0]
-                    AY = Z.T.to(device=self.device, dtype=self.work) * ynorm
-                ver = verify_ritz_pairs(ext.Y, AY, ext.values, conv, ext.tnorm,
-                                        self.tol or 1e-8, self.eps_a, ext.predicted)
+                    AY = Z.T.to(device=self.device, dtype=self.work)  # the operator's own
+                else:
+                    AY = AY.div_(ynorm)
+                    if scratch is None and AY.dtype == Yn.dtype and AY.device == Yn.device:
+                        scratch = AY  # not read after the check
+                pred = None if ext.predicted is None else ext.predicted.div_(ynorm)
+                ver = verify_ritz_pairs(Yn, AY, ext.values, conv, ext.tnorm,
+                                        self.tol or 1e-8, self.eps_a, pred,
+                                        scale=ynorm.reshape(-1).double().cpu().numpy(),
+                                        scratch=scratch)
                 if not np.all(np.isfinite(ver.residuals)):
                     raise non_finite_product("lanczos", "in the products of the Ritz vectors")
                 conv, residuals, verified = ver.converged, ver.residuals, True
