@@ -51,7 +51,7 @@ from ..linops.distributed import check_process_group, collective_step, group_siz
 from ..linops.dtypes import dtype_name
 from ..linops.hf import hf_objective, is_hf_model
 from ..linops.memory import plan_micro_batches
-from ..linops.memory_probe import available_memory_bytes, peak_memory
+from ..linops.memory_probe import available_memory_bytes
 from ..linops.objective import Objective, as_objective
 from ..linops.params import model_dtype
 from ..linops.registry import OperatorSpec, operator_names, operator_spec
@@ -412,12 +412,11 @@ def _spectrum(
         process_group=group, cache_budget_bytes=memory.get("cache_budget_bytes"),
         **op_kwargs,
     )
-    with peak_memory(op.device) as peak:
-        res = lanczos(op, k, config=cfg)
+    res = lanczos(op, k, config=cfg)
     memory.update({
         "solver_peak_bytes": int(res.peak_memory_bytes),
         "operator_cache_bytes": int(op.cache_bytes),
-        "process_peak_bytes": int(peak["peak_bytes"]),
+        "process_peak_bytes": int(res.process_peak_bytes),
         "process_peak_measured_as": ("cuda max_memory_allocated above the start"
                                      if op.device.type == "cuda"
                                      else "sampled resident set size above the start"),

@@ -37,6 +37,7 @@ __all__ = [
     "graph_bytes",
     "measure_held",
     "peak_memory",
+    "PeakTracker",
     "rss_bytes",
     "saved_tensor_bytes",
 ]
@@ -79,6 +80,65 @@ def rss_bytes() -> int:
         return 0
 
 
+class PeakTracker:
+    """The peak memory in use on a device since :meth:`start`, readable at any time.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` above the allocation at start (the peak
+    statistics are reset at start). CPU: the peak resident set size above the one at
+    start, sampled every ``interval`` seconds by a thread (a lower bound: short spikes
+    between samples can be missed).
+
+    Args:
+        device: Where the work runs.
+        interval: Seconds between two samples (CPU only).
+    """
+
+    def __init__(self, device: torch.device, interval: float = RSS_SAMPLE_INTERVAL) -> None:
+        self.device = torch.device(device)
+        self.interval = interval
+        self.base = 0
+        self._peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> PeakTracker:
+        """Start measuring from now."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        self.base = self._peak = rss_bytes()
+
+        def sample() -> None:
+            while not self._stop.wait(self.interval):
+                self._peak = max(self._peak, rss_bytes())
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def max_bytes(self) -> int:
+        """The absolute peak so far (CUDA: allocated; CPU: resident set size)."""
+        if self.device.type == "cuda":
+            with contextlib.suppress(Exception):  # a failed kernel must not hide its error
+                torch.cuda.synchronize(self.device)
+            return int(torch.cuda.max_memory_allocated(self.device))
+        self._peak = max(self._peak, rss_bytes())
+        return self._peak
+
+    def peak_bytes(self) -> int:
+        """The peak so far above the memory in use at start."""
+        return max(self.max_bytes() - self.base, 0)
+
+    def stop(self) -> None:
+        """Stop the sampling thread (CPU)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+
 @contextlib.contextmanager
 def peak_memory(
     device: torch.device, interval: float = RSS_SAMPLE_INTERVAL
@@ -87,58 +147,29 @@ def peak_memory(
 
     On exit the yielded dict holds ``"peak_bytes"`` (an int, above the entry),
     ``"peak_mb"`` (the same in MiB), ``"base_bytes"`` (in use at entry) and, on CUDA,
-    ``"max_allocated_bytes"`` (the absolute peak).
+    ``"max_allocated_bytes"`` (the absolute peak). See :class:`PeakTracker` for what is
+    measured on each device.
 
     Args:
-        device: Where the block computes. CUDA: ``torch.cuda.max_memory_allocated``
-            above the allocation at entry (the peak statistics are reset at entry). CPU:
-            the peak resident set size above the one at entry, sampled every
-            ``interval`` seconds by a thread: a lower bound, since short spikes between
-            samples can be missed.
+        device: Where the block computes.
         interval: Seconds between two samples (CPU only).
 
     Yields:
         The dict the figures are written into when the block ends.
     """
-    out: dict[str, float] = {"peak_bytes": 0, "peak_mb": 0.0, "base_bytes": 0}
-
-    def record(nbytes: int) -> None:
-        out["peak_bytes"] = max(int(nbytes), 0)
-        out["peak_mb"] = out["peak_bytes"] / 2**20
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        out["base_bytes"] = base
-        torch.cuda.reset_peak_memory_stats(device)
-        try:
-            yield out
-        finally:
-            with contextlib.suppress(Exception):  # a failed kernel must not hide its error
-                torch.cuda.synchronize(device)
-            out["max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
-            record(out["max_allocated_bytes"] - base)
-        return
-    base = rss_bytes()
-    out["base_bytes"] = base
-    peak = [base]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.wait(interval):
-            peak[0] = max(peak[0], rss_bytes())
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
+    tracker = PeakTracker(device, interval).start()
+    out: dict[str, float] = {"peak_bytes": 0, "peak_mb": 0.0, "base_bytes": tracker.base}
     try:
         yield out
     finally:
-        stop.set()
-        thread.join()
-        record(max(peak[0], rss_bytes()) - base)
+        tracker.stop()
+        top = tracker.max_bytes()
+        if tracker.device.type == "cuda":
+            out["max_allocated_bytes"] = top
+        out["peak_bytes"] = max(top - tracker.base, 0)
+        out["peak_mb"] = out["peak_bytes"] / 2**20
 
 
-# --- counting storages ------------------------------------------------------------------
 def _storage_key(t: Tensor) -> tuple[str, int]:
     """What identifies a tensor's storage: views of one storage share it."""
     return (str(t.device), t.untyped_storage().data_ptr())

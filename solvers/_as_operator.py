@@ -135,6 +135,8 @@ class TorchOperator:
         process_group: The ``torch.distributed`` group the wrapped operator sums its
             products over (data-parallel curvops operators), or None. Every rank runs the
             solver in lockstep; only rank 0 prints and writes.
+        cache_bytes: Reads the wrapped operator's product-cache size (curvops operators),
+            or None.
     """
 
     n: int
@@ -144,6 +146,7 @@ class TorchOperator:
     apply_block: Callable[[torch.Tensor], torch.Tensor] | None = None
     hold: Callable[[], AbstractContextManager] | None = None
     process_group: Any = None
+    cache_bytes: Callable[[], int] | None = None
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         return self.apply(v)
@@ -282,9 +285,10 @@ def as_operator(A: object) -> TorchOperator:
         # curvops operators and torch-native look-alikes: torch vectors in and out.
         device = torch.device(getattr(A, "device", "cpu"))
         hold = getattr(A, "parameters_fixed", None)
+        cached = (lambda: int(A.cache_bytes)) if hasattr(A, "cache_bytes") else None
         return TorchOperator(n, dtype, device, A.matvec, own_matmat,
                              hold if callable(hold) else None,
-                             getattr(A, "process_group", None))
+                             getattr(A, "process_group", None), cached)
     # scipy LinearOperator and generic numpy-style objects.
     np_dtype = np.dtype(np.float64) if dtype is None else np.dtype(dtype)
     if np_dtype not in TORCH_OF_NUMPY:

@@ -29,6 +29,7 @@ import torch
 from curvops.linops.checks import check_int, check_real
 from curvops.linops.distributed import collective_step, is_main_rank
 from curvops.linops.dtypes import LOW_PRECISION, working_dtype
+from curvops.linops.memory_probe import PeakTracker
 
 from ._as_operator import (
     TorchOperator,
@@ -272,6 +273,10 @@ class _FromConfig:
         return repr(self.shown)
 
 
+#: Seconds between two samples of the resident set size during a run (CPU): coarse enough
+#: that the sampling thread costs nothing measurable next to the products.
+PEAK_SAMPLE_INTERVAL = 0.02
+
 _DEFAULTS = LanczosConfig()
 #: One marker per keyword, named like it: ``_DEFAULT.maxiter`` shows as ``300``.
 _DEFAULT = SimpleNamespace(**{
@@ -303,7 +308,14 @@ class LanczosResult:
         seconds_matvec: Wall time inside the operator.
         seconds_other: The rest of the wall time.
         peak_memory_bytes: Peak bytes of the tensors the solver itself allocates (basis,
-            working vectors, Ritz vectors); the operator's own memory is not included.
+            working vectors, Ritz vectors), counted; the operator's own memory is not
+            included (compare ``lanczos_memory_bytes``, its estimate before a run).
+        process_peak_bytes: The measured peak memory of the whole process during the run
+            above its start: solver, products and the operator's cache together (CUDA:
+            ``max_memory_allocated``, whose peak statistics the run resets; CPU: the
+            resident set size sampled every 20 ms, a lower bound).
+        operator_cache_bytes: The operator's product cache at the end of the run (curvops
+            operators, measured when the cache was built), else None.
         strategy: The reorthogonalization strategy used.
         which: The ``which`` used.
         breakdowns: Times the recurrence broke down (:math:`\\beta \\approx 0`).
@@ -362,6 +374,8 @@ class LanczosResult:
     fingerprint_matvecs: int = 0
     resumed_from: int = 0
     checkpoint_seconds: float = 0.0
+    process_peak_bytes: int = 0
+    operator_cache_bytes: int | None = None
 
     @property
     def all_converged(self) -> bool:
@@ -594,9 +608,13 @@ def lanczos(
         v = v / torch.linalg.vector_norm(v)
     else:
         v = _start_vector(v0, n, run.device, run.work)
-    if cfg.checkpoint_path is not None:
-        run.open_checkpoint(v)
-    return run.solve(v)
+    run.tracker.start()
+    try:
+        if cfg.checkpoint_path is not None:
+            run.open_checkpoint(v)
+        return run.solve(v)
+    finally:
+        run.tracker.stop()
 
 
 def _settings(config: LanczosConfig | None, passed: dict[str, object]) -> LanczosConfig:
@@ -643,6 +661,8 @@ class _Run:
         keeps_basis = self.strategy_name != "none"
         self.m_max = min(cfg.max_iters, self.n) if keeps_basis else cfg.max_iters
         self.ledger = _Ledger()
+        # The whole process's peak during the run (products, cache, solver), sampled.
+        self.tracker = PeakTracker(self.device, interval=PEAK_SAMPLE_INTERVAL)
         self.timer = _Timer(op.device)
         self.eps_c = float(torch.finfo(self.dtype_c).eps)
         self.eps_w = float(torch.finfo(self.work).eps)
@@ -995,6 +1015,9 @@ class _Run:
             seconds_matvec=seconds_matvec,
             seconds_other=max(0.0, seconds_total - seconds_matvec),
             peak_memory_bytes=int(self.ledger.peak),
+            process_peak_bytes=self.tracker.peak_bytes(),
+            operator_cache_bytes=(None if self.op.cache_bytes is None
+                                  else self.op.cache_bytes()),
             strategy=self.strategy_name,
             which=cfg.which,
             breakdowns=self.breakdowns,

@@ -44,11 +44,11 @@ def lanczos_memory_bytes(n: int, strategy: str, op_dtype: torch.dtype,
     * the product's input, cast to the operator's dtype when that differs from the working
       dtype; the start vector is drawn and normalised (two copies) before anything else;
     * the verification: the k Ritz vectors, the Lanczos relation's prediction of their
-      products and the products themselves (one block in the operator's dtype, one in the
-      working dtype); ``none``: the Ritz vectors and their products accumulated by the
-      second pass, and one scratch block, all in the working dtype (the pass forms one
-      vector per copy of a wanted value: numerically multiple copies add vectors this
-      estimate does not count).
+      products (reused as the check's scratch) and the products themselves (plus their
+      cast to the working dtype when the operator's dtype differs); ``none``: the Ritz
+      vectors and their products accumulated by the second pass, in the working dtype, one
+      per copy of a wanted value (k more rows are allowed for numerical copies; more
+      copies than that add vectors this estimate does not count).
 
     Args:
         n: Operator size.
@@ -77,11 +77,13 @@ def lanczos_memory_bytes(n: int, strategy: str, op_dtype: torch.dtype,
         cache_rows = block * math.ceil((k + 2) / block) + k + 2
         parts["selective_cache"] = cache_rows * n * work if strategy == "selective" else 0
     if strategy == "none":
-        # The second pass accumulates the Ritz vectors and their products (work dtype) from
-        # the regenerated vectors; the check overwrites one more block of k rows.
+        # The second pass accumulates the Ritz vectors and their products (work dtype), one
+        # per copy of a wanted value: a block of k more rows allows for numerical copies.
         parts["verification"] = 3 * k * n * work
     else:
-        parts["verification"] = 3 * k * n * work + k * n * b_op
+        # Ritz vectors, the relation's prediction (the check's scratch) and the batched
+        # product, cast to the working dtype when the operator's differs.
+        parts["verification"] = 3 * k * n * work + (k * n * b_op if b_op != work else 0)
     parts["total"] = max(parts["start_vector"], sum(v for key, v in parts.items()
                                                     if key != "start_vector"))
     return parts

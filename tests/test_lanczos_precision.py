@@ -298,3 +298,18 @@ def test_bf16_basis_products_are_exact_under_any_upcast_bound(monkeypatch, upcas
     torch.testing.assert_close(
         basis.combine_rows(S, j, torch.float64), torch.as_tensor(S.T) @ V, rtol=1e-13, atol=1e-13
     )
+
+
+def test_result_reports_measured_process_peak_and_operator_cache():
+    from curvops.linops import GGNOperator
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(30, 64), nn.Tanh(), nn.Linear(64, 4)).double()
+    op = GGNOperator(model, nn.CrossEntropyLoss(),
+                     (torch.randn(256, 30, dtype=torch.float64), torch.randint(0, 4, (256,))))
+    res = lanczos(op, 3, tol=1e-10)
+    assert res.operator_cache_bytes == op.cache_bytes > 0
+    assert res.process_peak_bytes >= 0
+    dense = lanczos(torch.diag(torch.arange(40.0, dtype=torch.float64)), 3)
+    assert dense.operator_cache_bytes is None
