@@ -33,6 +33,10 @@ SUPPORTED_LOSSES = "nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss"
 #: where the closed form starts to pay (docs/decisions.md, Caching across products).
 CLOSED_FORM_CE_MIN_LOGITS = 1 << 16
 
+#: Cross-entropy output-Hessian products (:meth:`LossKind.hessian_matmul`) take this many
+#: logits at a time (8 MiB in float32): the chunk's softmax and product stay in cache.
+CE_CHUNK_ELEMENTS = 1 << 21
+
 
 @dataclass(frozen=True)
 class LossKind:
@@ -71,15 +75,47 @@ class LossKind:
             return F.mse_loss(F_, Y, reduction="sum")
         return F.binary_cross_entropy_with_logits(F_, Y, reduction="sum")
 
-    def hessian_matmul(self, F_: Tensor, U: Tensor) -> Tensor:
-        """Apply each row's output Hessian: ``(H_r u_r)`` for ``U`` of shape ``(..., R, C)``."""
+    def hessian_matmul(
+        self, F_: Tensor, U: Tensor, *, scale: float = 1.0, overwrite: bool = False
+    ) -> Tensor:
+        """Each row's output Hessian applied, times ``scale``: ``scale * H_r u_r`` for ``U``
+        of shape ``(..., R, C)``.
+
+        Args:
+            F_: The predictions ``(R, C)``.
+            U: The vectors.
+            scale: A factor folded into the product (the operator's normaliser), so that
+                no separate pass over a logits-sized tensor scales it.
+            overwrite: ``U`` is the caller's own temporary: the result is written into it.
+
+        Cross-entropy takes :data:`CE_CHUNK_ELEMENTS` logits at a time (softmax, row dot
+        product, ``(u - pᵀu) ⊙ p ⊙ scale``): no logits-sized temporary outlives its chunk,
+        and with ``overwrite`` nothing logits-sized is allocated at all (a language-model
+        head's ``512 × 50257`` logits are 100 MB in float32; the unchunked form made five
+        such temporaries per product, the product by the normaliser included).
+        """
         if self.name == "cross_entropy":
-            p = torch.softmax(F_.detach(), dim=-1)
-            return p * U - p * (p * U).sum(-1, keepdim=True)
+            F_ = F_.detach()
+            out = U if overwrite else torch.empty_like(U)
+            R, C = F_.shape[-2], F_.shape[-1]
+            step = max(1, CE_CHUNK_ELEMENTS // max(C, 1))
+            for i in range(0, R, step):
+                p = torch.softmax(F_[i : i + step], dim=-1)
+                u, o = U[..., i : i + step, :], out[..., i : i + step, :]
+                pu = torch.linalg.vecdot(p, u).unsqueeze(-1)
+                torch.sub(u, pu, out=o)
+                o.mul_(p)
+                if scale != 1.0:
+                    o.mul_(scale)
+            return out
         if self.name == "mse":
-            return 2.0 * U
+            factor = 2.0 * scale
+            return U.mul_(factor) if overwrite else U * factor
         s = torch.sigmoid(F_.detach())
-        return s * (1.0 - s) * U
+        w = s * (1.0 - s)
+        if scale != 1.0:
+            w.mul_(scale)
+        return U.mul_(w) if overwrite else U * w
 
     def uniforms_per_row(self, num_outputs: int) -> int:
         """How many U(0, 1) numbers :meth:`sample` needs per row and draw."""

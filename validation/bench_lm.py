@@ -18,17 +18,31 @@ Thread settings are fixed before numpy and torch load: ``OMP_NUM_THREADS`` /
 ``OPENBLAS_NUM_THREADS`` / ``MKL_NUM_THREADS`` (``--blas-threads``, default 1) and
 ``torch.set_num_threads`` (``--torch-threads``, default all cores); both sides use them.
 
+3. ``--products-only``: one product against one gradient pass on the fp32 model (no
+   eigensolver): the GGN and the Hessian operators of the HF objective are built on the
+   batch with ``cache="auto"`` (the first product builds the cache), then every round times
+   a gradient pass (forward, mean token cross-entropy, ``autograd.grad`` over all
+   parameters) and each cached product back to back, in a new seeded order per round. The
+   result is the median of ``product / gradient pass`` over rounds, the peak resident set
+   size a product adds (the cache already held) against the peak a gradient pass adds, and
+   the cache's bytes; written to ``results/bench_lm_products.json``.
+
 Usage::
 
     python -m curvops.validation.bench_lm                      # full GPT-2-small shape
+    python -m curvops.validation.bench_lm --products-only --rounds 5 --torch-threads 2
     python -m curvops.validation.bench_lm --layers 2 --width 128 --vocab 2000 --seq 32
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
 import os
+import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -52,7 +66,11 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--bf16-seq", type=int, default=32)
     p.add_argument("--blas-threads", type=int, default=1)
     p.add_argument("--torch-threads", type=int, default=0)
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_lm.json"))
+    p.add_argument("--products-only", action="store_true",
+                   help="time cached GGN / Hessian products against a gradient pass only")
+    p.add_argument("--out", default=None,
+                   help="default results/bench_lm.json (bench_lm_products.json with "
+                        "--products-only)")
     return p.parse_args()
 
 
@@ -64,7 +82,10 @@ if ARGS is not None:
 import numpy as np  # noqa: E402
 import scipy.sparse.linalg as sla  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from curvops.adapters.seed_api import compute_fisher_eigenvalues_lanczos  # noqa: E402
+from curvops.linops import GGNOperator, HessianOperator  # noqa: E402
+from curvops.linops.hf import hf_objective  # noqa: E402
 from curvops.linops.memory_probe import peak_memory  # noqa: E402
 from torch.func import functional_call, jvp, vjp  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
@@ -117,10 +138,107 @@ def hand_written_eigsh(model, batch, k: int, ncv: int) -> dict:
     return {"top_eigenvalues": sorted(map(float, vals), reverse=True), "matvecs": matvecs[0]}
 
 
+def _load_average() -> list[float]:
+    try:
+        return list(os.getloadavg())
+    except OSError:  # pragma: no cover - platforms without it
+        return []
+
+
+def _trimmed_peak_memory():
+    """:func:`peak_memory` after handing free heap memory back to the OS (glibc
+    ``malloc_trim``), so that the peak above entry is not hidden by freed memory that
+    is still resident (a forward's activations are below glibc's mmap threshold)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return peak_memory(torch.device("cpu"))
+
+
+def products_only(a: argparse.Namespace) -> dict:
+    """Cached GGN and Hessian products against a gradient pass (ratios, peak memory)."""
+    gen = torch.Generator().manual_seed(0)
+    model = build_gpt2(a.layers, a.width, a.heads, a.vocab, a.seq, torch.float32)
+    batch = {"input_ids": torch.randint(0, a.vocab, (a.batch, a.seq), generator=gen)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    ids = batch["input_ids"]
+
+    def gradient() -> None:
+        logits = model(**batch).logits[:, :-1]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        torch.autograd.grad(loss, params)
+
+    out: dict = {"n_params": sum(p.numel() for p in params), "layers": a.layers,
+                 "width": a.width, "vocab": a.vocab, "batch": [a.batch, a.seq],
+                 "rounds": a.rounds, "load_average_before": _load_average()}
+    gradient()  # warm
+    with _trimmed_peak_memory() as mem:
+        gradient()
+    out["gradient_peak_bytes"] = mem["peak_bytes"]
+    ops, v = {}, None
+    for name, Op in (("ggn", GGNOperator), ("hessian", HessianOperator)):
+        op = Op(model, hf_objective(model), batch, check_deterministic=False)
+        if v is None:
+            v = torch.randn(op.shape[0], generator=gen)
+        t0 = time.perf_counter()
+        op @ v  # builds the cache
+        out[f"{name}_cache_build_seconds"] = time.perf_counter() - t0
+        if not op.cache_active:
+            raise RuntimeError(f"the {name} cache did not fit: {op.cache_info}")
+        out[f"{name}_cache_bytes"] = op.cache_bytes
+        op @ v  # warm
+        with _trimmed_peak_memory() as mem:
+            op @ v
+        out[f"{name}_product_peak_bytes"] = mem["peak_bytes"]
+        ops[name] = op
+    samples: dict[str, list[float]] = {k: [] for k in ops}
+    cpu_samples: dict[str, list[float]] = {k: [] for k in ops}
+    seconds: dict[str, list[float]] = {"gradient": [], **{k: [] for k in ops}}
+    order = list(ops)
+    shuffle = random.Random(0)
+    with contextlib.ExitStack() as held:
+        for op in ops.values():
+            held.enter_context(op.parameters_fixed())
+        for r in range(a.rounds):
+            shuffle.shuffle(order)
+            for name in order:
+                t0, c0 = time.perf_counter(), time.process_time()
+                gradient()
+                t_grad, c_grad = time.perf_counter() - t0, time.process_time() - c0
+                t0, c0 = time.perf_counter(), time.process_time()
+                ops[name] @ v
+                t_prod, c_prod = time.perf_counter() - t0, time.process_time() - c0
+                samples[name].append(t_prod / t_grad)
+                cpu_samples[name].append(c_prod / c_grad)
+                seconds["gradient"].append(t_grad)
+                seconds[name].append(t_prod)
+                print(f"round {r} {name}: gradient {t_grad:.2f} s, product {t_prod:.2f} s, "
+                      f"ratio {t_prod / t_grad:.2f}", flush=True)
+    out["ratios_to_gradient_pass"] = {k: statistics.median(s) for k, s in samples.items()}
+    out["ratios_per_round"] = samples
+    # Process CPU time (all threads): with one torch thread, a measure of the work done
+    # that a loaded machine disturbs less than wall time.
+    out["cpu_time_ratios_to_gradient_pass"] = {
+        k: statistics.median(s) for k, s in cpu_samples.items()
+    }
+    out["seconds_median"] = {k: statistics.median(s) for k, s in seconds.items()}
+    out["load_average_after"] = _load_average()
+    return out
+
+
 def main() -> None:
     a = ARGS
     if a.torch_threads:
         torch.set_num_threads(a.torch_threads)
+    if a.products_only:
+        res = {"threads": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+                           "torch_num_threads": torch.get_num_threads()},
+               "torch": torch.__version__, "argv": sys.argv[1:], **products_only(a)}
+        path = Path(a.out or Path(__file__).parent / "results" / "bench_lm_products.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(res, indent=1))
+        print(json.dumps({k: res[k] for k in res if k != "ratios_per_round"}, indent=1))
+        print(f"wrote {path}")
+        return
     out: dict = {
         "threads": {
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
@@ -199,9 +317,10 @@ def main() -> None:
         res["time_ratio_bf16_over_fp32"] = res["bf16"]["seconds"] / res["fp32"]["seconds"]
         out["bf16_small"] = res
         print(json.dumps(res, indent=1), flush=True)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=1))
-    print(f"wrote {a.out}")
+    path = Path(a.out or Path(__file__).parent / "results" / "bench_lm.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
