@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 import torch
+from curvops.linops.memory_probe import available_memory_bytes
 
 from ._as_operator import non_finite_product
 from ._checkpoint import host_copy
@@ -738,12 +739,48 @@ class NoReorth(Strategy):
             ctx.notes.append(f"only {idx.size} distinct good Ritz values (k={ctx.k})")
         Y = AY = None
         if (want_vectors or ctx.verify) and idx.size:
+            groups = self._within_memory(groups)
             Y, AY = self._second_pass(b, np.concatenate(groups, axis=1), m)
             if Y is not None:
                 Y, AY = _combine_copies(Y, AY, groups, values[idx])
         return Extracted(np.asarray(values[idx], dtype=np.float64), np.asarray(bnds),
                          np.asarray(conv, dtype=bool), Y, AY, None, tnorm,
                          spurious_removed=int(n_spur))
+
+    #: Share of the device's free memory the second pass's Ritz vectors may take.
+    FREE_MEMORY_SHARE = 0.5
+
+    def _within_memory(self, groups: list[np.ndarray]) -> list[np.ndarray]:
+        """Each value's copies, or as many of its best-converged copies as fit.
+
+        The second pass forms two length-n vectors per copy (the Ritz vector and its
+        product); a long run has many ghost copies of the first values. When they all
+        need more than :attr:`FREE_MEMORY_SHARE` of the free memory, each value keeps its
+        best copies (smallest bound first), as many as fit, at least one; the verification
+        then says whether they suffice.
+        """
+        copies = sum(g.shape[1] for g in groups)
+        pair = 2 * self.ctx.vec_bytes
+        free = available_memory_bytes(self.ctx.device)
+        if free <= 0 or copies * pair <= self.FREE_MEMORY_SHARE * free:
+            return groups
+        allowed = max(len(groups), int(self.FREE_MEMORY_SHARE * free // pair))
+        order = [np.argsort(np.abs(g[-1, :]), kind="stable") for g in groups]
+        keep = [1] * len(groups)
+        while sum(keep) < allowed:
+            grew = False
+            for i, g in enumerate(groups):
+                if keep[i] < g.shape[1] and sum(keep) < allowed:
+                    keep[i] += 1
+                    grew = True
+            if not grew:
+                break
+        self.ctx.notes.append(
+            f"none: {copies} copies of the {len(groups)} wanted values would need "
+            f"{copies * pair / 2**30:.2f} GiB for their Ritz vectors; the {sum(keep)} "
+            "best-converged copies that fit in half the free memory were used"
+        )
+        return [g[:, np.sort(o[:c])] for g, o, c in zip(groups, order, keep, strict=True)]
 
     def _second_pass(self, beta_off: np.ndarray, S_sel: np.ndarray, m: int
                      ) -> tuple[torch.Tensor | None, torch.Tensor | None]:

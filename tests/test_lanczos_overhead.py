@@ -272,3 +272,28 @@ def test_chunked_combination_of_ghost_copies(dtype: torch.dtype, monkeypatch) ->
 
     floor = 10 * torch.finfo(dtype).eps * float(lam.max())
     assert np.all(residuals(got) <= residuals(ref) + floor)
+
+
+def test_none_forms_only_the_best_copies_that_fit_in_memory(monkeypatch):
+    """With little free memory, none's second pass keeps each value's best copies (at least
+    one), says so, and the verification still decides convergence."""
+    from curvops.solvers import _lanczos_strategies as strategies
+
+    n = 400
+    rng = np.random.default_rng(0)
+    # lambda_1 isolated, lambda_2 and lambda_3 close: by the time they converge (94
+    # iterations) lambda_1 has 4 ghost copies.
+    ev = np.concatenate([[10.0, 5.0, 4.999], rng.uniform(0, 4.9, n - 3)])
+    Q = np.linalg.qr(rng.standard_normal((n, n)))[0]
+    A = torch.tensor((Q * ev) @ Q.T, dtype=torch.float64)
+    A = (A + A.T) / 2
+    kwargs = {"reorth": "none", "tol": 1e-10, "maxiter": 400, "seed": 0}
+    roomy = lanczos(A, 3, **kwargs)
+    assert not any("copies that fit" in note for note in roomy.notes)
+    # Room for 4 Ritz vectors and their products (two float64 vectors of n each), in the
+    # half of the free memory they may take: lambda_1 keeps 2 of its 4 copies.
+    monkeypatch.setattr(strategies, "available_memory_bytes", lambda device: 2 * 4 * 2 * n * 8)
+    tight = lanczos(A, 3, **kwargs)
+    assert any("the 4 best-converged copies that fit" in note for note in tight.notes)
+    np.testing.assert_allclose(tight.eigenvalues, [10.0, 5.0, 4.999], rtol=1e-9)
+    assert tight.verified
