@@ -369,3 +369,27 @@ def test_torchrun_spectrum_prints_the_single_process_report_once(tmp_path):
     np.testing.assert_allclose(two["top_eigenvalues"], one["top_eigenvalues"], rtol=1e-10)
     assert two["metadata"]["ranks"] == 2 and one["metadata"]["ranks"] == 1
     assert two["metadata"]["num_examples"] == one["metadata"]["num_examples"]
+
+
+def seed_api_worker(rank: int) -> dict:
+    group = torch.distributed.group.WORLD
+    kw = {"k": 3, "loss_fn": nn.CrossEntropyLoss(), "max_iter": 60, "tol": 1e-12}
+    out = {}
+    for name, fn in (("hessian", seed_api.compute_hessian_eigenvalues_lanczos),
+                     ("spectrum_ef", lambda *a, **k: seed_api.compute_spectrum(
+                         *a, operator_type="empirical_fisher", **k))):
+        out[name] = (fn(mlp(), rank_batches(rank), process_group=group, **kw)["top_eigenvalues"],
+                     fn(mlp(), all_batches(), **kw)["top_eigenvalues"])
+    both = seed_api.compute_spectrum_comparison(mlp(), rank_batches(rank), process_group=group,
+                                                **kw)
+    alone = seed_api.compute_spectrum_comparison(mlp(), all_batches(), **kw)
+    out["comparison"] = (both["hessian"]["top_eigenvalues"], alone["hessian"]["top_eigenvalues"])
+    return out
+
+
+def test_every_seed_api_function_takes_a_process_group():
+    ranks = check_all_ok(run_ranks(seed_api_worker))
+    for out in ranks:
+        for name, (dist_top, single_top) in out.items():
+            np.testing.assert_allclose(dist_top, single_top, rtol=1e-10, err_msg=name)
+    assert ranks[0] == ranks[1]
