@@ -47,7 +47,12 @@ from torch import nn
 from ..linops import FisherOperator, select_parameters
 from ..linops.checks import check_int, check_real
 from ..linops.data import DataSource
-from ..linops.distributed import check_process_group, collective_step, group_size
+from ..linops.distributed import (
+    check_process_group,
+    collective_step,
+    group_size,
+    wrapped_module,
+)
 from ..linops.dtypes import dtype_name
 from ..linops.hf import hf_objective, is_hf_model
 from ..linops.memory import plan_micro_batches
@@ -266,12 +271,11 @@ def _prepare(
     model: nn.Module, data: Any, op_cls: type, op_kwargs: dict[str, Any], k: int,
     opts: dict[str, Any],
 ) -> tuple[int, Objective]:
-    """Cheap checks before any forward pass.
+    """Cheap checks before any forward pass (``model``: the module a DDP wrapper wraps).
 
     Returns:
         The number of selected parameters and the objective.
     """
-    model = model.module if _is_ddp(model) else model
     _, tensors = select_parameters(model, opts["params"])
     n = sum(t.numel() for t in tensors)
     if k >= n:
@@ -357,11 +361,6 @@ def _plan_memory(
     return cfg, mbs, plan, record
 
 
-def _is_ddp(model: nn.Module) -> bool:
-    ddp = getattr(nn.parallel, "DistributedDataParallel", None)
-    return ddp is not None and isinstance(model, ddp)
-
-
 def _spectrum(
     model: nn.Module,
     data: Any,
@@ -390,14 +389,14 @@ def _spectrum(
             op_kwargs["seed"] = int(config.seed)
 
     group = opts["process_group"]
-    inner = model.module if _is_ddp(model) else model
+    inner = wrapped_module(model)
     cfg = _lanczos_config(
         config, k=k, max_iter=max_iter, op_dtype=model_dtype(inner), opts=opts, which=which,
     )
     strategy_given = opts["reorth"] is not None or config is not None
     # Each rank plans for its own shard; a rank that fails here tells the others.
     with collective_step(group, torch.device("cpu"), "the checks and the memory plan"):
-        n, objective = _prepare(model, data, op_cls, op_kwargs, k, opts)
+        n, objective = _prepare(inner, data, op_cls, op_kwargs, k, opts)
         cfg, mbs, plan, memory = _plan_memory(inner, data, op_cls, op_kwargs, objective, n,
                                               cfg, strategy_given, opts)
     # The ranks may plan different micro-batches (their shards differ), never different

@@ -72,6 +72,10 @@ from .memory_probe import graph_bytes, measure_held
 from .objective import OwnParameters, Rows
 from .per_example import per_example_gradients
 
+#: Entries of a product's input that the ranks compare (a strided sample: see
+#: :func:`~curvops.linops.distributed.checksums`).
+_VECTOR_CHECK_ENTRIES = 2**16
+
 
 def _reordering_error() -> ValueError:
     """The refusal of data whose order changes between passes (for the MC Fisher)."""
@@ -180,7 +184,10 @@ class CurvatureOperator(EmpiricalRisk, LinearOperatorBase):
     ) -> None:
         """This rank's part of construction: set up, survey and check its data."""
         self._set_up_risk(model, loss_fn, data, params, group)
-        self._selects_all = {n for n, _ in model.named_parameters()} == set(self.space.names)
+        # self.model: a DDP wrapper's module, whose parameter names the space holds
+        self._selects_all = (
+            {n for n, _ in self.model.named_parameters()} == set(self.space.names)
+        )
         n = self.space.size
         self.shape = (n, n)
         self.dtype = self.space.dtype
@@ -373,7 +380,7 @@ class CurvatureOperator(EmpiricalRisk, LinearOperatorBase):
             return self._local_sum(V).T.to(self.dtype)
         device = self._collective_device()
         with collective_step(
-            group, device, "the product", checksums([V]),
+            group, device, "the product", checksums([V], max_entries=_VECTOR_CHECK_ENTRIES),
             "the vectors of a product (every rank must call every product with the same "
             "vectors: the solvers are not in lockstep — different seeds or start vectors?)",
         ):

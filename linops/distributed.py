@@ -48,6 +48,7 @@ __all__ = [
     "group_size",
     "is_main_rank",
     "sum_across",
+    "wrapped_module",
 ]
 
 
@@ -64,6 +65,13 @@ def _dist():
     if not torch.distributed.is_available():
         raise RuntimeError("process_group needs torch.distributed, which this torch build lacks")
     return torch.distributed
+
+
+def wrapped_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The module a ``DistributedDataParallel`` wraps (the same parameter tensors), or
+    ``model`` itself when it is not wrapped."""
+    ddp = getattr(torch.nn.parallel, "DistributedDataParallel", None)
+    return model.module if ddp is not None and isinstance(model, ddp) else model
 
 
 def check_process_group(group: Any) -> Any:
@@ -129,16 +137,32 @@ def collective_device(group: Any, fallback: torch.device) -> torch.device:
     return torch.device("cpu")
 
 
-def checksums(tensors: Sequence[Tensor]) -> list[float]:
+#: Entries converted to float64 at a time by :func:`checksums` (8 MiB of float64).
+_CHECKSUM_CHUNK = 2**20
+
+
+def checksums(tensors: Sequence[Tensor], max_entries: int | None = None) -> list[float]:
     r"""Two float64 sums that equal on two ranks when ``tensors`` hold the same bits:
-    :math:`\sum x` and :math:`\sum x^2` over all entries (NaN-free inputs)."""
-    total = torch.zeros((), dtype=torch.float64)
-    squares = torch.zeros((), dtype=torch.float64)
+    :math:`\sum x` and :math:`\sum x^2` (NaN-free inputs).
+
+    Summed in float64 a chunk at a time (no float64 copy of a whole tensor), with one host
+    synchronisation. With ``max_entries``, each tensor contributes an evenly strided
+    sample of at most that many entries: enough to tell apart the vectors of two solvers
+    out of lockstep (they differ in almost every entry), at a cost independent of ``n``.
+    """
+    if not tensors:
+        return [0.0, 0.0]
+    device = tensors[0].device
+    acc = torch.zeros(2, dtype=torch.float64, device=device)
     for t in tensors:
-        t64 = t.detach().to(torch.float64)
-        total = total + t64.sum().cpu()
-        squares = squares + t64.square().sum().cpu()
-    return [float(total), float(squares)]
+        flat = t.detach().reshape(-1)
+        if max_entries is not None and flat.numel() > max_entries:
+            flat = flat[:: -(-flat.numel() // max_entries)]
+        for start in range(0, flat.numel(), _CHECKSUM_CHUNK):
+            chunk = flat[start : start + _CHECKSUM_CHUNK].to(device=device, dtype=torch.float64)
+            acc[0] += chunk.sum()
+            acc[1] += chunk.square().sum()
+    return acc.tolist()
 
 
 @contextlib.contextmanager

@@ -28,6 +28,7 @@ from .distributed import (
     collective_device,
     collective_step,
     group_rank,
+    wrapped_module,
 )
 from .objective import Count, Objective, as_objective
 from .params import ParameterSpace, model_dtype, select_parameters
@@ -192,8 +193,8 @@ def _unwrap_data_parallel(model: nn.Module, group: Any) -> nn.Module:
     Raises:
         ValueError: For a DDP model and ``group=None``.
     """
-    ddp = getattr(torch.nn.parallel, "DistributedDataParallel", None)
-    if ddp is None or not isinstance(model, ddp):
+    inner = wrapped_module(model)
+    if inner is model:
         return model
     if group is None:
         raise ValueError(
@@ -202,4 +203,4 @@ def _unwrap_data_parallel(model: nn.Module, group: Any) -> nn.Module:
             "process_group=model.process_group (or dist.group.WORLD) for the curvature of all "
             "ranks' data, or model.module for this rank's own"
         )
-    return model.module
+    return inner
