@@ -31,6 +31,7 @@ from curvops.linops.memory_probe import available_memory_bytes
 from ._as_operator import non_finite_product
 from ._checkpoint import host_copy
 from ._cullum_willoughby import GhostFilter
+from ._reductions import dot, vector_norm
 from ._reorthogonalization import (
     KrylovBasis,
     SelectiveCache,
@@ -80,6 +81,10 @@ class Extracted:
     orthogonality_loss: float = float("nan")
     regularization_used: float = 0.0
     rayleigh_ritz: bool = False
+    restarts: int = 0
+    # Set when the strategy verified its pairs itself (the thick restart, one by one):
+    verification: object | None = None
+    vectors: torch.Tensor | None = None  # unit Ritz vectors as rows
 
 
 class Relation:
@@ -146,10 +151,10 @@ def _fresh_vector(ctx, basis: KrylovBasis, j: int) -> torch.Tensor:
     """A random unit vector orthogonal to rows 0..j-1 of the basis (after a breakdown)."""
     for _ in range(5):
         r = torch.randn(ctx.n, generator=ctx.gen, dtype=ctx.work).to(device=ctx.device)
-        r = r / torch.linalg.vector_norm(r)
+        r = r / vector_norm(r).to(r.dtype)
         for _ in range(3):
             r, _h = basis.cgs(r, j)
-        nrm = float(torch.linalg.vector_norm(r))
+        nrm = float(vector_norm(r))
         if nrm > 1e-3:
             return r / nrm
     raise RuntimeError("could not find a vector orthogonal to the Krylov basis")
@@ -253,10 +258,9 @@ class Strategy:
 
     def _local_pass(self, st: Step) -> None:
         """Second Gram–Schmidt pass of ``w`` against ``v`` (in place); one more sync."""
-        c = torch.dot(st.v, st.w)
+        c = dot(st.v, st.w)
         st.w.addcmul_(st.v, c, value=-1.0)
-        bnorm = torch.linalg.vector_norm(st.w)
-        dc, st.beta_next = torch.stack([c.double(), bnorm.double()]).tolist()
+        dc, st.beta_next = torch.stack([c.double(), vector_norm(st.w)]).tolist()
         st.alpha += dc
 
 
@@ -293,7 +297,7 @@ class _BasisStrategy(Strategy):
         w, h = self.basis.cgs2(w, j + 1)
         self.relation.add_rows(j, None, h)
         self.reorths += 1
-        return float(torch.linalg.vector_norm(w))
+        return float(vector_norm(w))
 
     def probe(self, j: int, w: torch.Tensor) -> torch.Tensor | None:
         # The check of the model: the overlaps with rows 0, 1, one in the middle and one
@@ -535,7 +539,7 @@ class PartialReorth(_BasisStrategy):
             _, h, rows = self.basis.project_rows(idx, st.w)
             self.relation.add_rows(st.j, rows, h)
             self.reorths += 1
-            st.beta_next = float(torch.linalg.vector_norm(st.w))
+            st.beta_next = float(vector_norm(st.w))
             omega_next[idx] = eps1
             self.force_idx = idx  # Simon: the next vector is reorthogonalized too
         self.omega_prev, self.omega_cur = self.omega_cur, omega_next
@@ -640,7 +644,7 @@ class SelectiveReorth(_BasisStrategy):
             # left to project against.
             _, d = self.cache.project(st.w, start=before)
             self.relation.add_cache(st.j, d)
-            st.beta_next = float(torch.linalg.vector_norm(st.w))
+            st.beta_next = float(vector_norm(st.w))
             if ctx.breaks_down(st.beta_next):
                 st.breakdown = True
                 ctx.breakdowns += 1

@@ -33,6 +33,8 @@ import threading
 import numpy as np
 import torch
 
+from ._reductions import gram, row_norms
+
 __all__ = [
     "REORTH",
     "KrylovBasis",
@@ -56,6 +58,9 @@ _UPCAST_BYTES = 256 << 20
 # small model per run; 8 MiB blocks are recycled from the heap. CUDA's caching allocator
 # has no such cost, so one large block (a single product per pass) is kept there.
 _CPU_BLOCK_BYTES = 8 << 20
+
+# Columns per slice of the CPU's float32 coefficient products (see KrylovBasis.coeffs).
+_COEFF_SLICE = 1 << 16
 _MAX_BLOCK_ROWS = 64
 
 
@@ -215,6 +220,16 @@ class KrylovBasis:
         if j == 0:
             return w.new_zeros(0)
         wv = w.to(self.device)
+        if (self.device.type == "cpu" and self.n > _COEFF_SLICE
+                and self.dtype == wv.dtype == torch.float32):
+            # A float32 product over a whole row accumulates in float32 on the CPU: on a
+            # model's vectors (a few large entries among many small ones) it is off by
+            # ~1e-6 ||v|| ||w|| at n = 1e6 and more beyond, which caps the orthogonality
+            # every pass can reach. Column slices, summed in float64: 20x closer, as fast.
+            views = self._views(j)
+            parts = [torch.cat([b[:, c0 : c0 + _COEFF_SLICE] for b in views])
+                     @ wv[c0 : c0 + _COEFF_SLICE] for c0 in range(0, self.n, _COEFF_SLICE)]
+            return torch.stack(parts).double().sum(0).to(wv.dtype).to(w.device)
         parts = []  # one entry per row chunk: column slices are summed into it
         for r0, cols, c in self._chunks(j, wv.dtype):
             part = c @ wv[cols]
@@ -272,27 +287,57 @@ class KrylovBasis:
                 start = i
 
     def gram(self, j: int, exact: bool = True) -> np.ndarray:
-        """``V_j V_j^T``: in float64 by column chunks (no float64 copy of the basis) when
-        ``exact`` or the basis is bf16/fp16, else in the basis dtype with no copy (the
-        blocks on and above the diagonal only; symmetry gives the rest)."""
+        """``V_j V_j^T`` as float64, summed over column slices of the rows.
+
+        Each slice's product is made in float64 on the CPU, when ``exact`` or for a
+        bf16/fp16 basis, else (a float32 basis on a GPU) in the basis dtype; either way the
+        slices are summed in float64, so no product accumulates over a whole row (a
+        float32 product over n = 1.24e8 columns is off by up to 7e-2 on the CPU). No
+        float64 copy of the basis is made.
+        """
         views = self._views(j)
-        if not exact and self.dtype in (torch.float32, torch.float64):
-            G = torch.zeros(j, j, dtype=self.dtype, device=self.device)
-            r = self.block_rows
-            for a, Va in enumerate(views):
-                for b in range(a, len(views)):
-                    Vb = views[b]
-                    G[a * r : a * r + Va.shape[0], b * r : b * r + Vb.shape[0]] = Va @ Vb.T
-            G = G.double().cpu().numpy()
-            return np.triu(G) + np.triu(G, 1).T
+        # On the CPU a float32 product is only accurate over short slices, where the
+        # per-slice overhead dominates (6 s for 10 rows at n = 1.24e8): float64 slices of
+        # ~8 MiB are accurate and ~6x faster there. On a GPU, float32 unless ``exact``.
+        chunk_dtype = (torch.float64 if exact or self.device.type == "cpu"
+                       or self.dtype not in (torch.float32, torch.float64) else self.dtype)
+        elem = torch.empty(0, dtype=chunk_dtype).element_size()
         G = torch.zeros(j, j, dtype=torch.float64, device=self.device)
-        # CPU: a float64 chunk of j rows that stays in cache for its product. GPU: chunks of
-        # ~256 MiB (8192 columns would make ~15 k launch-bound steps at n = 124 M).
-        cols = 1 << 13 if self.device.type == "cpu" else max(1 << 13, (256 << 20) // (8 * j))
+        # CPU: a slice of about 8 MiB that stays in cache for its product. GPU: ~256 MiB
+        # slices (8192 columns would make ~15 k launch-bound steps at n = 124 M).
+        budget = (8 << 20) if self.device.type == "cpu" else (256 << 20)
+        cols = max(1 << 12, budget // (elem * max(j, 1)))
         for c0 in range(0, self.n, cols):
-            X = torch.cat([b[:, c0 : c0 + cols] for b in views]).to(torch.float64)
-            G.addmm_(X, X.T)
+            X = torch.cat([b[:, c0 : c0 + cols] for b in views]).to(chunk_dtype)
+            if chunk_dtype == torch.float64:
+                G.addmm_(X, X.T)
+            else:
+                G += (X @ X.T).double()
         return G.cpu().numpy()
+
+    def rotate(self, Q: np.ndarray, j: int) -> None:
+        r"""Rows ``0..p-1`` become :math:`Q^\top V_j` for a (j, p) float64 ``Q``, p <= j, in
+        place.
+
+        Column slice by column slice: every slice of the j rows is read into one small
+        block, multiplied and written back, so no n-long temporary is made (a thick
+        restart's basis is as large as memory allows). Rows ``p..j-1`` keep their values.
+        """
+        p = Q.shape[1]
+        if p > j or Q.shape[0] != j:
+            raise ValueError(f"a ({Q.shape[0]}, {p}) rotation does not fit {j} rows")
+        Qt = torch.as_tensor(np.ascontiguousarray(Q.T), dtype=self.dtype, device=self.device)
+        views = self._views(j)
+        # CPU: a slice of j rows that stays in cache; GPU: ~256 MiB slices (few launches).
+        elem = torch.empty(0, dtype=self.dtype).element_size()
+        cols = (1 << 16) if self.device.type == "cpu" else max(1 << 16, (256 << 20) // (elem * j))
+        targets = [self.row(i) for i in range(p)]
+        for c0 in range(0, self.n, cols):
+            sl = slice(c0, min(self.n, c0 + cols))
+            X = torch.cat([blk[:, sl] for blk in views])
+            Y = Qt @ X
+            for i, row in enumerate(targets):
+                row[sl].copy_(Y[i])
 
     def cgs(self, w: torch.Tensor, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         r"""One classical Gram–Schmidt pass against rows 0..j-1, in place on ``w`` (owned)."""
@@ -490,7 +535,7 @@ class SelectiveCache:
         residual above ``REPRESENTED`` (one host synchronisation, only when adding)."""
         self.coefficients.extend(np.array(S_new[:, i]) for i in range(S_new.shape[1]))
         Y_new = Y_new.to(self.Y.dtype)  # owned: combine_rows returns a fresh tensor
-        Y_new.div_(torch.linalg.vector_norm(Y_new, dim=1, keepdim=True))
+        Y_new.div_(row_norms(Y_new)[:, None].to(Y_new.dtype))
         # Against the cache: block classical Gram–Schmidt, twice.
         for _ in range(2):
             if self._count:
@@ -500,7 +545,7 @@ class SelectiveCache:
                     Y_new.addmm_(h.T, blk, alpha=-1.0)
         # Among themselves, in order, on their Gram matrix (one synchronisation): row i
         # keeps its part orthogonal to the accepted earlier rows if that is > REPRESENTED.
-        K = (Y_new @ Y_new.T).double().cpu().numpy()
+        K = gram(Y_new).cpu().numpy()
         p = K.shape[0]
         L = np.zeros((p, p))  # accepted rows = L @ Y_new (orthonormal by construction)
         kept: list[int] = []

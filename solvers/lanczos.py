@@ -48,8 +48,10 @@ from ._checkpoint import (
 )
 from ._lanczos_strategies import Step, make_strategy
 from ._operator_accuracy import AccuracyMonitor
+from ._reductions import dot, row_norms, vector_norm
 from ._reorthogonalization import REORTH
 from ._ritz_verification import verify_ritz_pairs
+from ._thick_restart import ThickRestart
 from ._tridiagonal import WHICH, tridiag_eigvals
 
 __all__ = [
@@ -131,6 +133,12 @@ class LanczosConfig:
             counted in ``matvecs``) and the writes. See ``docs/lanczos.md``.
         checkpoint_every: Iterations between two checkpoints (a positive int); it does not
             change the result, so a run may resume with another value.
+        ncv: Most Lanczos vectors kept at once (scipy's name): when the basis is full, the
+            run restarts thickly (Wu & Simon 2000), keeping the Ritz vectors nearest the
+            wanted end, so memory stays at ``ncv`` vectors however many iterations run.
+            None (default): the basis grows to ``max_iters``. Needs ``reorth="full"`` and a
+            float32/float64 basis, at least ``k + 2`` and no ``checkpoint_path``; from
+            ``min(max_iters, n)`` up it changes nothing. See ``docs/lanczos.md``.
     """
 
     k: int = 5
@@ -154,6 +162,7 @@ class LanczosConfig:
     verify: bool = True
     checkpoint_path: str | os.PathLike | None = None
     checkpoint_every: int = 10
+    ncv: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -191,6 +200,7 @@ _KEYWORD_FIELDS = {
     "progress": "progress",
     "checkpoint_path": "checkpoint_path",
     "checkpoint_every": "checkpoint_every",
+    "ncv": "ncv",
 }
 _FLAGS = ("return_eigenvectors", "record_history", "progress", "cullum_willoughby",
           "measure_orthogonality", "verify")
@@ -255,6 +265,21 @@ def _check_settings(cfg: LanczosConfig, label: Callable[[str], str]) -> None:
                          "uses its coefficients)")
     cfg.checkpoint_every = check_checkpoint_settings(cfg.checkpoint_path, cfg.checkpoint_every,
                                                      label)
+    cfg.ncv = check_int(label("ncv"), cfg.ncv, minimum=cfg.k + 2, allow_none=True)
+    if cfg.ncv is not None:
+        why = None
+        if cfg.strategy != "full":
+            why = (f"it keeps its small basis fully orthogonal: pass {label('reorth')}='full' "
+                   f"(got {cfg.strategy!r})")
+        elif cfg.dtype_compute is not None and cfg.dtype_compute in LOW_PRECISION:
+            why = (f"a restart rotates the basis in its own dtype, and {cfg.dtype_compute} "
+                   "would round every kept Ritz vector: use a float32 or float64 basis")
+        elif cfg.checkpoint_path is not None:
+            why = "a restarted run cannot be checkpointed yet: leave checkpoint_path None"
+        elif cfg.rayleigh_ritz:
+            why = "its values are already those of V^T A V: leave rayleigh_ritz None"
+        if why:
+            raise ValueError(f"{label('ncv')}={cfg.ncv} (thick restart): {why}")
 
 
 class _FromConfig:
@@ -316,6 +341,8 @@ class LanczosResult:
             resident set size sampled every 20 ms, a lower bound).
         operator_cache_bytes: The operator's product cache at the end of the run (curvops
             operators, measured when the cache was built), else None.
+        restarts: Thick restarts the run made (``ncv``); 0 without.
+        ncv: The basis bound of a thick-restarted run; None for a run without restarts.
         strategy: The reorthogonalization strategy used.
         which: The ``which`` used.
         breakdowns: Times the recurrence broke down (:math:`\\beta \\approx 0`).
@@ -376,6 +403,8 @@ class LanczosResult:
     checkpoint_seconds: float = 0.0
     process_peak_bytes: int = 0
     operator_cache_bytes: int | None = None
+    restarts: int = 0
+    ncv: int | None = None
 
     @property
     def all_converged(self) -> bool:
@@ -469,7 +498,7 @@ def _start_vector(v0: object, n: int, device: torch.device, work: torch.dtype) -
                         f"{type(v0).__name__}")
     check_vector(v0, "v0", n, nonzero=True)
     v = v0.detach().to(device=device, dtype=work)  # the start vector's documented conversion
-    nrm = float(torch.linalg.vector_norm(v))
+    nrm = float(vector_norm(v))
     if not (math.isfinite(nrm) and nrm > 0.0):
         raise ValueError(f"v0 is not representable in {work} (its norm there is {nrm})")
     return v / nrm
@@ -489,7 +518,7 @@ def _progress_bar(total: int, enabled: bool):
 
 def _dot_with(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """``x . u`` in ``u``'s dtype (a product's own dtype: no float32 copy of a bf16 one)."""
-    return torch.dot(x if x.dtype == u.dtype else x.to(u.dtype), u)
+    return dot(x if x.dtype == u.dtype else x.to(u.dtype), u)
 
 
 @with_parameters_fixed
@@ -516,6 +545,7 @@ def lanczos(
     progress: bool = _DEFAULT.progress,
     checkpoint_path: str | os.PathLike | None = _DEFAULT.checkpoint_path,
     checkpoint_every: int = _DEFAULT.checkpoint_every,
+    ncv: int | None = _DEFAULT.ncv,
     config: LanczosConfig | None = None,
 ) -> LanczosResult:
     """Extreme eigenvalues (and vectors) of a symmetric operator by Lanczos.
@@ -569,6 +599,9 @@ def lanczos(
             one, is refused (``CheckpointError``). Costs one probe product (counted in
             ``fingerprint_matvecs``, not ``matvecs``) and the writes.
         checkpoint_every: Iterations between two checkpoints (positive int).
+        ncv: Most Lanczos vectors kept at once; a full basis restarts thickly, keeping the
+            Ritz vectors nearest the wanted end (memory: ``ncv`` vectors, whatever
+            ``maxiter``). None = no restart. Needs ``reorth="full"`` and ``ncv >= k + 2``.
         config: All settings as one :class:`LanczosConfig`; see above for how it combines
             with the keywords.
 
@@ -600,18 +633,25 @@ def lanczos(
     if cfg.max_iters < cfg.k:
         name = "maxiter" if config is None or "maxiter" in passed else "config.max_iters"
         raise ValueError(f"{name}={cfg.max_iters} must be at least k={cfg.k}")
+    if cfg.ncv is not None and cfg.ncv > n:
+        raise ValueError(f"ncv={cfg.ncv} must be at most the operator size n={n}")
     run = _Run(op, cfg, t_start)
     if v0 is None:
         # Drawn on the CPU generator (the same seed gives the same vector on any device),
         # in the working dtype (float64 draws cost as much as a cheap matvec at n ~ 1e5).
         v = torch.randn(n, generator=run.gen, dtype=run.work).to(device=run.device)
-        v = v / torch.linalg.vector_norm(v)
+        v = v / vector_norm(v).to(v.dtype)
     else:
         v = _start_vector(v0, n, run.device, run.work)
     run.tracker.start()
     try:
         if cfg.checkpoint_path is not None:
             run.open_checkpoint(v)
+        if run.restarted:
+            # The run takes the start vector out of the list: no second n-vector is held.
+            start = [v]
+            del v
+            return run.solve_restarted(start)
         return run.solve(v)
     finally:
         run.tracker.stop()
@@ -660,6 +700,10 @@ class _Run:
         self.gen = torch.Generator(device="cpu").manual_seed(int(cfg.seed))
         keeps_basis = self.strategy_name != "none"
         self.m_max = min(cfg.max_iters, self.n) if keeps_basis else cfg.max_iters
+        # A thick restart only where the basis could outgrow ncv.
+        self.restarted = cfg.ncv is not None and cfg.ncv < self.m_max
+        self.iterations = 0  # of the restarted recurrence
+        self.verification_matvecs = 0
         self.ledger = _Ledger()
         # The whole process's peak during the run (products, cache, solver), sampled.
         self.tracker = PeakTracker(self.device, interval=PEAK_SAMPLE_INTERVAL)
@@ -736,7 +780,7 @@ class _Run:
             w = torch.sub(u, v_prev, alpha=beta_j, out=self._wbuf)
         else:
             w = self._wbuf.copy_(u)
-        a1 = torch.dot(v, w)
+        a1 = dot(v, w)
         w.addcmul_(v, a1, value=-1.0)
         return w, a1
 
@@ -766,6 +810,23 @@ class _Run:
         finally:
             strat.release()
 
+    def solve_restarted(self, start: list[torch.Tensor]) -> LanczosResult:
+        """The thick-restarted run (``ncv``): bounded basis, pairs verified one by one."""
+        tr = ThickRestart(self)
+        try:
+            self.pbar = _progress_bar(
+                self.cfg.max_iters, self.cfg.progress and is_main_rank(self.op.process_group)
+            )
+            try:
+                m, beta = tr.run(start)
+            finally:
+                if self.pbar is not None:
+                    self.pbar.close()
+            ext = tr.extract(m, beta, self.cfg.return_eigenvectors)
+            return self._finish(tr, ext, self.iterations)
+        finally:
+            tr.release()
+
     def _iterate(self, strat, v0: torch.Tensor, resume=None):
         if resume is None:
             v = strat.begin(v0)
@@ -784,8 +845,7 @@ class _Run:
             w, a1 = self.three_term(u, v, v_prev, beta[j])
             alpha_t = strat.orthogonalize(j, w, a1)
             probe = strat.probe(j, w)
-            parts = [alpha_t.double(), torch.linalg.vector_norm(w).double(),
-                     torch.linalg.vector_norm(u).double()]
+            parts = [alpha_t.double(), vector_norm(w), vector_norm(u)]
             if v_prev is not None:
                 parts += [_dot_with(v_prev, u).double(), s_pending.double()]
             if probe is not None:
@@ -957,13 +1017,14 @@ class _Run:
         accuracy = self.monitor.defect
         verified = False
         mv_before = self.matvecs
-        vecs = None
+        vecs = None if ext.vectors is None else ext.vectors.T
+        ver = ext.verification  # set when the strategy verified its pairs itself
         if ext.Y is not None:
             # The strategy's Y, AY and prediction are the run's own tensors: they are
             # scaled to unit rows in place, and the product of the unit Ritz vectors is
             # read through a view (no (k, n) temporaries: on the CPU each costs page
             # faults worth a good part of a product).
-            ynorm = torch.linalg.vector_norm(ext.Y, dim=1, keepdim=True)
+            ynorm = row_norms(ext.Y)[:, None].to(ext.Y.dtype)
             Yn = ext.Y.div_(ynorm)
             if self.verify:
                 AY, scratch = ext.AY, ext.predicted
@@ -980,14 +1041,15 @@ class _Run:
                                         self.tol or 1e-8, self.eps_a, pred,
                                         scale=ynorm.reshape(-1).double().cpu().numpy(),
                                         scratch=scratch)
-                if not np.all(np.isfinite(ver.residuals)):
-                    raise non_finite_product("lanczos", "in the products of the Ritz vectors")
-                conv, residuals, verified = ver.converged, ver.residuals, True
-                self.notes.extend(ver.notes)
-                if math.isfinite(ver.noise):
-                    accuracy = max(ver.noise, self.monitor.defect)
             if cfg.return_eigenvectors:
                 vecs = Yn.T
+        if ver is not None:
+            if not np.all(np.isfinite(ver.residuals)):
+                raise non_finite_product("lanczos", "in the products of the Ritz vectors")
+            conv, residuals, verified = ver.converged, ver.residuals, True
+            self.notes.extend(ver.notes)
+            if math.isfinite(ver.noise):
+                accuracy = max(ver.noise, self.monitor.defect)
         self._note_multiplicity(np.asarray(ext.values), residuals)
         if not self.verify:
             self.notes.append("verify=False: converged means the residual bound met tol; the "
@@ -1029,8 +1091,11 @@ class _Run:
             reorthogonalizations=getattr(strat, "reorths", 0),
             operator_accuracy=float(accuracy),
             verified=verified,
-            verification_matvecs=self.matvecs - mv_before if ext.AY is None else 0,
+            verification_matvecs=(self.verification_matvecs if ext.verification is not None
+                                  else self.matvecs - mv_before if ext.AY is None else 0),
             fingerprint_matvecs=0 if self.checkpoint is None else 1,
             resumed_from=self.resumed_from,
             checkpoint_seconds=0.0 if self.checkpoint is None else self.checkpoint.seconds,
+            restarts=ext.restarts,
+            ncv=self.cfg.ncv if self.restarted else None,
         )

@@ -26,7 +26,9 @@ SELECTIVE_CACHE_BLOCK_ROWS = 16
 
 
 def lanczos_memory_bytes(n: int, strategy: str, op_dtype: torch.dtype,
-                          basis_dtype: torch.dtype, iters: int, k: int) -> dict[str, int]:
+                          basis_dtype: torch.dtype, iters: int, k: int, *,
+                          ncv: int | None = None,
+                          return_eigenvectors: bool = True) -> dict[str, int]:
     r"""Bytes the Lanczos solver itself allocates (not the operator's).
 
     * ``none``: five working vectors (float32; float64 for a float64 basis) live through
@@ -50,6 +52,11 @@ def lanczos_memory_bytes(n: int, strategy: str, op_dtype: torch.dtype,
       per copy of a wanted value (k more rows are allowed for numerical copies; more
       copies than that add vectors this estimate does not count).
 
+    * ``full`` with a thick restart (``ncv`` below the iterations): ``ncv`` basis rows,
+      the start vector and one working vector (the residual :math:`w`); the verification
+      works one pair at a time on the basis's own rows: a product and a prediction, plus
+      the k returned unit Ritz vectors when ``return_eigenvectors``.
+
     Args:
         n: Operator size.
         strategy: ``full``, ``selective``, ``partial`` or ``none``.
@@ -57,6 +64,9 @@ def lanczos_memory_bytes(n: int, strategy: str, op_dtype: torch.dtype,
         basis_dtype: The Krylov vectors' storage dtype.
         iters: Iteration cap :math:`m`.
         k: Wanted eigenvalues.
+        ncv: The thick restart's basis bound (``full`` only); None: no restart.
+        return_eigenvectors: Whether the Ritz vectors are returned (the thick restart's
+            verification needs no copy of them otherwise).
 
     Returns:
         The parts and their ``total``, in bytes.
@@ -66,6 +76,14 @@ def lanczos_memory_bytes(n: int, strategy: str, op_dtype: torch.dtype,
     b_op = torch.empty(0, dtype=op_dtype).element_size()
     cast = n * b_op if b_op != work else 0
     parts = {"start_vector": 2 * n * work, "input_cast": cast}
+    if strategy == "full" and ncv is not None and ncv < min(iters, n):
+        rows = min(ncv, BASIS_BLOCK_ROWS)
+        parts["basis"] = math.ceil(ncv / rows) * rows * n * b_c
+        parts["vectors"] = n * work  # w (the start vector is row 0 of the basis)
+        parts["verification"] = 2 * n * work + (k * n * work if return_eigenvectors else 0)
+        parts["total"] = max(parts["start_vector"], sum(
+            v for key, v in parts.items() if key != "start_vector"))
+        return parts
     if strategy == "none":
         parts["vectors"] = 5 * n * work + n * b_c
     else:
