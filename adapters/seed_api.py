@@ -84,9 +84,14 @@ _LARGE_MODEL = 10**9  # where the seed cut max_iter (we do not)
 #: Share of the device's free memory a run may use when no ``memory_budget_bytes`` is given.
 MEMORY_BUDGET_SHARE = 0.7
 #: The strategies tried, in order, when the call names none: full reorthogonalization
-#: (its basis grows with the iterations), then none (a constant number of vectors).
-_STRATEGY_PREFERENCE = ("full", "none")
+#: (its basis grows with the iterations), full with a thick restart (a basis of at most
+#: ``ncv`` vectors, :data:`RESTART_NCV` preferred), then none (a constant number of vectors).
+_STRATEGY_PREFERENCE = ("full", "restarted", "none")
 _STRATEGY_CODE = {"full": 0, "selective": 1, "partial": 2, "none": 3}
+#: The basis bound a thick restart prefers: max(2k + 2, 12) vectors (about as few products
+#: as an unbounded basis on the GPT-2 GGNs measured, docs/lanczos.md); fewer when only
+#: fewer fit, down to k + 2.
+RESTART_NCV = 12
 
 # Keyword arguments the entry points accept besides their named ones.
 _OPTIONS = {
@@ -100,6 +105,7 @@ _OPTIONS = {
     "tol": None,  # convergence tolerance; default the config's
     "seed": None,  # start vector and MC labels; default the config's (0)
     "reorth": None,  # "full" | "selective" | "partial" | "none"; default the config's (full)
+    "ncv": None,  # thick restart's basis bound (reorth="full"); default: the memory plan's
     "dtype_compute": None,  # Krylov-vector dtype; default the model's dtype
     "mc_samples": 1,  # MC Fisher draws per example
     "return_eigenvectors": False,  # keep the Ritz vectors (needed for eigenspace overlap)
@@ -258,7 +264,7 @@ def _lanczos_config(
     changes: dict[str, Any] = {"k": k, "which": which, "dtype_compute": dtype_compute}
     if max_iter is not None:
         changes["max_iters"] = max_iter
-    for name in ("tol", "seed", "reorth"):
+    for name in ("tol", "seed", "reorth", "ncv"):
         if opts[name] is not None:
             changes[name] = opts[name]
     changes["return_eigenvectors"] = bool(opts["return_eigenvectors"])
@@ -295,13 +301,17 @@ def _plan_memory(
     device's free memory) covers the solver's own tensors :math:`S` (estimated by
     :func:`~curvops.solvers.memory_estimate.lanczos_memory_bytes` for ``max_iter``
     iterations), one product :math:`P` (measured by the micro-batch plan's probe) and the
-    product cache (what is left). The strategy the call names is kept; otherwise full
-    reorthogonalization is chosen when :math:`B - S_\text{full}` holds a product of at
-    least one example, else ``none``. A strategy that cannot fit raises before any product.
+    product cache (what is left). The strategy the call names is kept; otherwise, in
+    order, the first that leaves :math:`B - S` room for a product of at least one example:
+    full reorthogonalization; full with a thick restart, its basis bounded by the largest
+    ``ncv`` from ``max(2k + 2, RESTART_NCV)`` down to ``k + 2`` whose estimate fits (a
+    float32/float64 basis only); ``none``. A strategy that cannot fit raises before any
+    product.
 
     Returns:
-        The settings (strategy possibly changed), the micro-batch size, the plan (None
-        unless ``micro_batch_size="auto"``) and the ``metadata["memory"]`` record.
+        The settings (strategy and ``ncv`` possibly changed), the micro-batch size, the
+        plan (None unless ``micro_batch_size="auto"``) and the ``metadata["memory"]``
+        record.
 
     Raises:
         MemoryError: When no allowed strategy leaves room for a one-example product.
@@ -314,29 +324,62 @@ def _plan_memory(
         budget = int(MEMORY_BUDGET_SHARE * free) if free > 0 else None
         source = f"{MEMORY_BUDGET_SHARE:g} of the free memory ({free} bytes)"
     mbs = opts["micro_batch_size"]
-    candidates = (cfg.strategy,) if strategy_given else _STRATEGY_PREFERENCE
-    estimates = {
-        c: lanczos_memory_bytes(n, c, model_dtype(model), cfg.dtype_compute, cfg.max_iters,
-                                cfg.k)["total"]
-        for c in dict.fromkeys((*candidates, cfg.strategy))
-    }
+    op_dtype = model_dtype(model)
+
+    def estimate(strategy: str, ncv: int | None) -> int:
+        return lanczos_memory_bytes(n, strategy, op_dtype, cfg.dtype_compute, cfg.max_iters,
+                                    cfg.k, ncv=ncv,
+                                    return_eigenvectors=cfg.return_eigenvectors)["total"]
+
+    # (label, strategy, ncv) in order of preference; a thick restart's ncv is sized after
+    # its product (None until then): micro-batches would slow every product, a smaller
+    # basis costs only a few more of them.
+    why: list[str] = []
+    preferred = min(max(2 * cfg.k + 2, RESTART_NCV), n)
+    if strategy_given:
+        candidates = [(cfg.strategy, cfg.strategy, cfg.ncv)]
+    else:
+        candidates = [("full", "full", None)]
+        if cfg.dtype_compute not in (torch.float32, torch.float64):
+            why.append(f"no thick restart: its basis must be float32/float64, not "
+                       f"{cfg.dtype_compute}")
+        elif preferred < min(cfg.max_iters, n):
+            candidates.append((f"full, ncv={preferred}", "full", "restart"))
+        candidates.append(("none", "none", None))
+    estimates = {label: estimate(strategy, preferred if ncv == "restart" else ncv)
+                 for label, strategy, ncv in candidates}
     record: dict[str, Any] = {"budget_bytes": budget, "budget_from": source,
                               "solver_estimate_bytes": estimates}
-    chosen, plan, why = candidates[0], None, []
-    for c in candidates:
-        rest = None if budget is None else budget - estimates[c]
+    plan = None
+    for label, strategy, ncv in candidates:
+        # A restart is tried with its smallest basis first; the basis then takes what the
+        # product leaves.
+        need = estimate(strategy, cfg.k + 2) if ncv == "restart" else estimates[label]
+        rest = None if budget is None else budget - need
         if rest is not None and rest <= 0:
-            why.append(f"reorth={c!r} needs {estimates[c] / 2**30:.2f} GiB for max_iter="
-                       f"{cfg.max_iters}, over the budget")
+            why.append(f"reorth={label!r} needs {need / 2**30:.2f} GiB for "
+                       f"max_iter={cfg.max_iters}, over the budget")
             continue
         if mbs == "auto":
             try:
                 plan = plan_micro_batches(op_cls, model, objective, data, opts["params"],
                                           memory_budget_bytes=rest, operator_kwargs=op_kwargs)
             except MemoryError as err:
-                why.append(f"reorth={c!r}: {err}")
+                why.append(f"reorth={label!r}: {err}")
                 continue
-        chosen = c
+        if ncv == "restart":
+            if plan is not None:
+                product = plan.fixed_bytes + plan.bytes_per_example * plan.batch_size_used
+            else:
+                product = 0 if rest is None else rest / 2
+            ncv = next(c for c in range(preferred, cfg.k + 1, -1)
+                       if budget is None or estimate("full", c) + product <= budget)
+            if ncv != preferred:
+                why.append(f"reorth={label!r} needs {estimates[label] / 2**30:.2f} GiB with "
+                           "its product, over the budget")
+                label = f"full, ncv={ncv}"
+                estimates[label] = estimate("full", ncv)
+        chosen = (label, strategy, ncv)
         break
     else:
         raise MemoryError(
@@ -345,19 +388,21 @@ def _plan_memory(
             + ". Lower max_iter, pass reorth='none', a bf16 dtype_compute, or a larger "
             "memory_budget_bytes"
         )
+    label, strategy, ncv = chosen
     if mbs == "auto":
         mbs = plan.micro_batch_size
-    record["strategy"] = chosen
+    record["strategy"] = strategy
+    record["ncv"] = ncv
     record["strategy_from"] = "argument" if strategy_given else "memory budget"
     if why:
         record["rejected"] = why
     if budget is not None:
-        rest = budget - estimates[chosen]
+        rest = budget - estimates[label]
         product = (plan.fixed_bytes + plan.bytes_per_example * plan.batch_size_used
                    if plan is not None else rest / 2)
         record["cache_budget_bytes"] = max(int(rest - product), 0)
-    if chosen != cfg.strategy:
-        cfg = dataclasses.replace(cfg, reorth=chosen)
+    if (strategy, ncv) != (cfg.strategy, cfg.ncv):
+        cfg = dataclasses.replace(cfg, reorth=strategy, ncv=ncv)
     return cfg, mbs, plan, record
 
 
@@ -393,7 +438,8 @@ def _spectrum(
     cfg = _lanczos_config(
         config, k=k, max_iter=max_iter, op_dtype=model_dtype(inner), opts=opts, which=which,
     )
-    strategy_given = opts["reorth"] is not None or config is not None
+    strategy_given = (opts["reorth"] is not None or opts["ncv"] is not None
+                      or config is not None)
     # Each rank plans for its own shard; a rank that fails here tells the others.
     with collective_step(group, torch.device("cpu"), "the checks and the memory plan"):
         n, objective = _prepare(inner, data, op_cls, op_kwargs, k, opts)
@@ -402,7 +448,7 @@ def _spectrum(
     # The ranks may plan different micro-batches (their shards differ), never different
     # solvers: the strategy must be the same on every rank.
     with collective_step(group, torch.device("cpu"), "the memory plan",
-                         [_STRATEGY_CODE[cfg.strategy]],
+                         [_STRATEGY_CODE[cfg.strategy], cfg.ncv or 0],
                          "the solver strategy (the ranks' memory budgets differ: pass reorth)"):
         pass
     op = op_cls(
@@ -439,9 +485,12 @@ def _spectrum(
             "max_iter is not reduced for models over 1e9 parameters (that would change the "
             "result); Lanczos stops early once the wanted values have converged (tol)"
         )
-    if memory["strategy_from"] == "memory budget" and memory["strategy"] != "full":
+    if memory["strategy_from"] == "memory budget" and (memory["strategy"] != "full"
+                                                       or memory["ncv"] is not None):
+        chosen = (f"reorth='full' with a thick restart (ncv={memory['ncv']})"
+                  if memory["ncv"] is not None else f"reorth={memory['strategy']!r}")
         notes.append(
-            f"reorth={memory['strategy']!r} chosen to fit the memory budget "
+            f"{chosen} chosen to fit the memory budget "
             f"({memory['budget_bytes'] / 2**30:.2f} GiB, {memory['budget_from']}): "
             + "; ".join(memory.get("rejected", []))
         )
@@ -488,6 +537,10 @@ def _spectrum(
         "tol": float(cfg.tol),
         "max_iter": int(cfg.max_iters),
         "reorth": res.strategy,
+        "ncv": res.ncv,
+        "restarts": int(res.restarts),
+        "operator_accuracy": float(res.operator_accuracy),
+        "tol_used": float(res.tol_used),
         "rayleigh_ritz": bool(res.rayleigh_ritz),
         "regularization_used": float(res.regularization_used),
         "spurious_removed": int(res.spurious_removed),

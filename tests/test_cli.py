@@ -86,6 +86,17 @@ def test_spectrum_of_a_zoo_model_matches_the_dense_matrix(capsys):
     assert len(result["density"]["grid"]) == len(result["density"]["density"]) == 100
 
 
+def test_spectrum_with_a_thick_restart_matches_the_dense_matrix(capsys):
+    assert main(["spectrum", "--model", "mlp", "--operator", "ggn", "--k", "3", "--ncv", "6",
+                 "--max-iter", "400", "--dtype", "float64", "--tol", "1e-12"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    p = zoo.build("mlp", torch.float64)
+    exact = _dense_top(p.model, p.loss_fn, p.data, "ggn", 3)
+    np.testing.assert_allclose(result["top_eigenvalues"], exact, rtol=1e-9)
+    assert result["metadata"]["ncv"] == 6 and result["metadata"]["restarts"] > 0
+    assert all(result["metadata"]["converged"])
+
+
 def test_spectrum_of_a_module_factory(tmp_path, monkeypatch, capsys):
     (tmp_path / "my_models.py").write_text(
         "import torch\n"

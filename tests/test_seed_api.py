@@ -450,28 +450,67 @@ def _budget_problem():
 CE = {"loss_fn": nn.CrossEntropyLoss()}
 
 
-def test_memory_budget_chooses_none_when_the_full_basis_does_not_fit():
+def test_memory_budget_chooses_a_thick_restart_when_the_full_basis_does_not_fit():
     model, data = _budget_problem()
     roomy = compute_fisher_eigenvalues_lanczos(model, data, k=3, max_iter=200, tol=1e-10,
                                                memory_budget_bytes=2**34, **CE)
     est = roomy["metadata"]["memory"]["solver_estimate_bytes"]
     assert roomy["metadata"]["memory"]["strategy"] == "full"
+    assert roomy["metadata"]["memory"]["ncv"] is None and roomy["metadata"]["ncv"] is None
     assert roomy["metadata"]["memory"]["strategy_from"] == "memory budget"
     # The estimate covers what the solver's ledger counted.
     assert roomy["metadata"]["memory"]["solver_peak_bytes"] <= est["full"]
-    # A budget between none's and full's estimates (plus the product): none, and said so.
+    # A budget between the restarted basis's and full's estimates (plus the product): the
+    # thick restart with the preferred basis of max(2k + 2, 12) = 12 vectors, said so.
+    plan = roomy["metadata"]["micro_batch_plan"]
+    product = plan["fixed_bytes"] + plan["bytes_per_example"] * 64
+    budget = int(est["full, ncv=12"] + product + 1024)
+    assert budget < est["full"]
+    lean = compute_fisher_eigenvalues_lanczos(model, data, k=3, max_iter=200, tol=1e-10,
+                                              memory_budget_bytes=budget, **CE)
+    mem, meta = lean["metadata"]["memory"], lean["metadata"]
+    assert mem["strategy"] == "full" and mem["ncv"] == 12 and meta["ncv"] == 12
+    assert meta["restarts"] > 0
+    assert "reorth='full' with a thick restart (ncv=12) chosen to fit" in lean["note"]
+    assert mem["solver_peak_bytes"] <= est["full, ncv=12"]
+    assert all(meta["converged"])
+    np.testing.assert_allclose(lean["top_eigenvalues"], roomy["top_eigenvalues"], rtol=1e-8)
+    # A smaller budget: the largest basis that fits (down to k + 2 = 5 vectors).
+    vec = 8 * roomy["metadata"]["n_params"]
+    tight = compute_fisher_eigenvalues_lanczos(
+        model, data, k=3, max_iter=200, tol=1e-10, **CE,
+        memory_budget_bytes=int(est["full, ncv=12"] - 4 * vec + product + 1024))
+    assert tight["metadata"]["ncv"] == 8
+    np.testing.assert_allclose(tight["top_eigenvalues"], roomy["top_eigenvalues"], rtol=1e-8)
+    # A user's ncv is kept as given.
+    given = compute_fisher_eigenvalues_lanczos(model, data, k=3, max_iter=200, tol=1e-10,
+                                               ncv=6, memory_budget_bytes=2**34, **CE)
+    assert given["metadata"]["ncv"] == 6
+    assert given["metadata"]["memory"]["strategy_from"] == "argument"
+    np.testing.assert_allclose(given["top_eigenvalues"], roomy["top_eigenvalues"], rtol=1e-8)
+
+
+def test_memory_budget_chooses_none_for_a_low_precision_basis():
+    # A bf16 basis cannot be restarted (every kept Ritz vector would be rounded to bf16):
+    # when full's basis does not fit, the plan falls to none, and says why.
+    model, data = _budget_problem()
+    model = model.to(torch.bfloat16)
+    data = [(X.to(torch.bfloat16), y) for X, y in data]
+    roomy = compute_fisher_eigenvalues_lanczos(model, data, k=3, max_iter=200,
+                                               memory_budget_bytes=2**34, **CE)
+    est = roomy["metadata"]["memory"]["solver_estimate_bytes"]
+    assert set(est) == {"full", "none"}
     plan = roomy["metadata"]["micro_batch_plan"]
     product = plan["fixed_bytes"] + plan["bytes_per_example"] * 64
     budget = int(est["none"] + product + 1024)
     assert budget < est["full"]
-    lean = compute_fisher_eigenvalues_lanczos(model, data, k=3, max_iter=200, tol=1e-10,
+    lean = compute_fisher_eigenvalues_lanczos(model, data, k=3, max_iter=200,
                                               memory_budget_bytes=budget, **CE)
     mem = lean["metadata"]["memory"]
     assert mem["strategy"] == "none" and lean["metadata"]["reorth"] == "none"
     assert "reorth='none' chosen to fit the memory budget" in lean["note"]
-    assert mem["solver_peak_bytes"] <= est["none"]
-    assert all(lean["metadata"]["converged"])
-    np.testing.assert_allclose(lean["top_eigenvalues"], roomy["top_eigenvalues"], rtol=1e-8)
+    assert "no thick restart: its basis must be float32/float64" in lean["note"]
+    np.testing.assert_allclose(lean["top_eigenvalues"], roomy["top_eigenvalues"], rtol=3e-2)
 
 
 def test_a_strategy_that_cannot_fit_is_refused_before_any_product():

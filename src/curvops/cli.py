@@ -137,6 +137,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-iter", type=_positive_int, default=100)
     s.add_argument("--tol", type=_non_negative_float, default=1e-8)
     s.add_argument("--reorth", default=None, choices=("full", "selective", "partial", "none"))
+    s.add_argument("--ncv", type=_positive_int, default=None,
+                   help="thick restart: keep at most this many Lanczos vectors (reorth full; "
+                   "default: what the memory budget allows)")
     s.add_argument("--dtype", default=None, choices=_DTYPE_CHOICES,
                    help="zoo models (default float32) and HF directories: the model's dtype")
     s.add_argument("--density", action="store_true", help="add the SLQ spectral density")
@@ -338,6 +341,8 @@ def _spectrum_result(args: argparse.Namespace, model: Any, loss_fn: Any, data: A
         kwargs["loss_fn"] = loss_fn
     if args.reorth:
         kwargs["reorth"] = args.reorth
+    if args.ncv is not None:
+        kwargs["ncv"] = args.ncv
     if args.operator == "hessian":
         result = seed_api.compute_hessian_eigenvalues_lanczos(
             model, data, k=args.k, max_iter=args.max_iter, **kwargs)
