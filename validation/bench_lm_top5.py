@@ -5,11 +5,16 @@ shape (12 layers, width 768, vocabulary 50 257: 124 M parameters) in float32, on
 4 x 128 tokens, 2 threads, and
 
 * **curvops**: ``compute_fisher_eigenvalues_lanczos(model, batch, k=5, ggn_mode="true",
-  max_iter=120, tol=1e-6)`` with its defaults otherwise: the memory budget (half the free
-  memory) chooses the strategy, ``micro_batch_size="auto"``, the product cache;
+  max_iter=120, tol=1e-4)`` with its defaults otherwise: the memory budget (70 % of the
+  free memory) chooses the strategy (here full reorthogonalization with a thick restart
+  of 12 vectors: the unbounded basis would not fit), ``micro_batch_size="auto"``, the
+  product cache, every value verified by its true residual;
 * **eigsh**: ``scipy.sparse.linalg.eigsh(k=5, which="LA", ncv=12, tol=1e-4)`` on the same
   curvops operator (``GGNOperator(...).to_scipy()``, cached products): ncv·n stays below
   OpenBLAS's 2³¹-element limit.
+
+Both ask for the same relative tolerance (``--tol``, default 1e-4: ARPACK's
+:math:`\|r\| \le \text{tol}\,|\theta|` and curvops' bound are the same test).
 
 Each side runs in its own process, so its peak resident set size (``ru_maxrss``, model and
 data included) is its own. Reported: wall time (construction included), products, peak
@@ -60,7 +65,8 @@ def _problem(shape: dict[str, int], batch: int, seq: int):
     return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def _side(side: str, shape_name: str, batch: int, seq: int, threads: int) -> dict[str, Any]:
+def _side(side: str, shape_name: str, batch: int, seq: int, threads: int,
+          tol: float) -> dict[str, Any]:
     """One side's run, in this process."""
     import numpy as np
     import torch
@@ -73,10 +79,14 @@ def _side(side: str, shape_name: str, batch: int, seq: int, threads: int) -> dic
         from curvops.adapters.seed_api import compute_fisher_eigenvalues_lanczos
 
         out = compute_fisher_eigenvalues_lanczos(model, data, k=5, ggn_mode="true",
-                                                 max_iter=120, tol=1e-6)
+                                                 max_iter=120, tol=tol)
         meta = out["metadata"]
         row = {"top": out["top_eigenvalues"], "matvecs": meta["matvecs"],
                "converged": meta["converged"], "strategy": meta["reorth"],
+               "ncv": meta["ncv"], "restarts": meta["restarts"],
+               "residual_norms": meta["residual_norms"], "tol_used": meta["tol_used"],
+               "operator_accuracy": meta["operator_accuracy"],
+               "seconds_matvec": meta["time_matvec"],
                "iterations": out["lanczos_iterations"], "memory": meta["memory"],
                "micro_batch_size": meta["micro_batch_size"], "note": out["note"]}
     else:
@@ -94,7 +104,7 @@ def _side(side: str, shape_name: str, batch: int, seq: int, threads: int) -> dic
 
         counted = sla.LinearOperator(A.shape, matvec=matvec, dtype=A.dtype)
         v0 = np.random.default_rng(0).standard_normal(n).astype(A.dtype)
-        vals = sla.eigsh(counted, k=5, which="LA", ncv=12, tol=1e-4, v0=v0,
+        vals = sla.eigsh(counted, k=5, which="LA", ncv=12, tol=tol, v0=v0,
                          return_eigenvectors=False)
         row = {"top": sorted(map(float, vals), reverse=True), "matvecs": count[0]}
     row["seconds"] = time.perf_counter() - t0
@@ -104,18 +114,32 @@ def _side(side: str, shape_name: str, batch: int, seq: int, threads: int) -> dic
     return row
 
 
-def run(shape: str, batch: int, seq: int, threads: int, timeout: float) -> dict[str, Any]:
+#: glibc settings that keep large freed blocks in the heap for reuse (no page faults on
+#: each product's fresh tensors); ``--malloc-reuse`` applies them to both sides.
+MALLOC_REUSE = {"MALLOC_MMAP_THRESHOLD_": str(4 << 30), "MALLOC_TRIM_THRESHOLD_": str(8 << 30)}
+
+
+def run(shape: str, batch: int, seq: int, threads: int, timeout: float, tol: float,
+        malloc_reuse: bool = False) -> dict[str, Any]:
     """Both sides, each in a fresh process; then their agreement."""
     out: dict[str, Any] = {"shape": {"name": shape, **SHAPES[shape]},
-                           "batch": [batch, seq], "threads": threads}
+                           "batch": [batch, seq], "threads": threads, "tol": tol,
+                           "malloc_env": MALLOC_REUSE if malloc_reuse else None,
+                           "load_average_before": os.getloadavg()}
     for side in ("curvops", "eigsh"):
         cmd = [sys.executable, "-m", "curvops.validation.bench_lm_top5", "--side", side,
                "--shape", shape, "--batch", str(batch), "--seq", str(seq),
-               "--threads", str(threads)]
+               "--threads", str(threads), "--tol", repr(tol)]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads),
-               "OPENBLAS_NUM_THREADS": str(threads)}
+               "OPENBLAS_NUM_THREADS": str(threads), **(MALLOC_REUSE if malloc_reuse else {})}
         t0 = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                                  env=env)
+        except subprocess.TimeoutExpired:
+            out[side] = {"error": f"not finished within {timeout:g} s",
+                         "seconds": time.perf_counter() - t0}
+            continue
         if done.returncode != 0:
             out[side] = {"error": done.stderr[-2000:], "seconds": time.perf_counter() - t0}
             continue
@@ -129,6 +153,7 @@ def run(shape: str, batch: int, seq: int, threads: int, timeout: float) -> dict[
                                                    / out["eigsh"]["seconds"])
         out["rss_ratio_curvops_over_eigsh"] = (out["curvops"]["peak_rss_bytes"]
                                                / out["eigsh"]["peak_rss_bytes"])
+    out["load_average_after"] = os.getloadavg()
     return out
 
 
@@ -141,14 +166,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--tol", type=float, default=1e-4)
+    p.add_argument("--malloc-reuse", action="store_true",
+                   help="both sides with glibc's large-block reuse (MALLOC_MMAP_THRESHOLD_)")
     p.add_argument("--timeout", type=float, default=1500.0)
     p.add_argument("--out", default=str(RESULTS / "bench_lm_top5.json"))
     a = p.parse_args(argv)
     shape = "small" if a.small else a.shape
     if a.side is not None:
-        print(json.dumps(_side(a.side, shape, a.batch, a.seq, a.threads)))
+        print(json.dumps(_side(a.side, shape, a.batch, a.seq, a.threads, a.tol)))
         return
-    result = run(shape, a.batch, a.seq, a.threads, a.timeout)
+    result = run(shape, a.batch, a.seq, a.threads, a.timeout, a.tol, a.malloc_reuse)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k not in ("curvops", "eigsh")}))
