@@ -189,6 +189,14 @@ class KrylovBasis:
             start += self.block_rows
         return out
 
+    def _column_slice(self, views: list[torch.Tensor], c0: int, c1: int) -> torch.Tensor:
+        """Columns ``c0:c1`` of rows ``0..j-1`` (``views`` = ``_views(j)``) as one (j, c)
+        tensor: a strided view when one block holds them (a thick restart's basis), else a
+        small copy."""
+        if len(views) == 1:
+            return views[0][:, c0:c1]
+        return torch.cat([b[:, c0:c1] for b in views])
+
     def _chunks(self, j: int, dtype: torch.dtype):
         """Rows 0..j-1 in ``dtype``, as ``(row_start, cols, tensor)``: ``tensor`` holds rows
         ``row_start .. row_start + len(tensor) - 1``, columns ``cols`` (a slice).
@@ -227,7 +235,7 @@ class KrylovBasis:
             # ~1e-6 ||v|| ||w|| at n = 1e6 and more beyond, which caps the orthogonality
             # every pass can reach. Column slices, summed in float64: 20x closer, as fast.
             views = self._views(j)
-            parts = [torch.cat([b[:, c0 : c0 + _COEFF_SLICE] for b in views])
+            parts = [self._column_slice(views, c0, c0 + _COEFF_SLICE)
                      @ wv[c0 : c0 + _COEFF_SLICE] for c0 in range(0, self.n, _COEFF_SLICE)]
             return torch.stack(parts).double().sum(0).to(wv.dtype).to(w.device)
         parts = []  # one entry per row chunk: column slices are summed into it
@@ -270,6 +278,10 @@ class KrylovBasis:
                                 beta=0.0 if fresh and r0 == 0 else 1.0)
         return out
 
+    def combine_slice(self, c: torch.Tensor, j: int, c0: int, c1: int) -> torch.Tensor:
+        """``c^T V_j`` on columns ``c0:c1`` (a fresh tensor of the basis dtype)."""
+        return c.to(self.dtype) @ self._column_slice(self._views(j), c0, c1)
+
     def row(self, j: int) -> torch.Tensor:
         """Row j itself (a view; allocated on demand), to be written in place."""
         self._ensure(j)
@@ -308,7 +320,7 @@ class KrylovBasis:
         budget = (8 << 20) if self.device.type == "cpu" else (256 << 20)
         cols = max(1 << 12, budget // (elem * max(j, 1)))
         for c0 in range(0, self.n, cols):
-            X = torch.cat([b[:, c0 : c0 + cols] for b in views]).to(chunk_dtype)
+            X = self._column_slice(views, c0, c0 + cols).to(chunk_dtype)
             if chunk_dtype == torch.float64:
                 G.addmm_(X, X.T)
             else:
@@ -319,25 +331,31 @@ class KrylovBasis:
         r"""Rows ``0..p-1`` become :math:`Q^\top V_j` for a (j, p) float64 ``Q``, p <= j, in
         place.
 
-        Column slice by column slice: every slice of the j rows is read into one small
-        block, multiplied and written back, so no n-long temporary is made (a thick
-        restart's basis is as large as memory allows). Rows ``p..j-1`` keep their values.
+        Column slice by column slice: each slice of the j rows is multiplied (a strided
+        view when one block holds the rows) and written back, so no n-long temporary is
+        made (a thick restart's basis is as large as memory allows). Rows ``p..j-1`` keep
+        their values.
         """
         p = Q.shape[1]
         if p > j or Q.shape[0] != j:
             raise ValueError(f"a ({Q.shape[0]}, {p}) rotation does not fit {j} rows")
         Qt = torch.as_tensor(np.ascontiguousarray(Q.T), dtype=self.dtype, device=self.device)
         views = self._views(j)
-        # CPU: a slice of j rows that stays in cache; GPU: ~256 MiB slices (few launches).
+        one_block = len(views) == 1
+        targets = None if one_block else [self.row(i) for i in range(p)]
+        # CPU: slices of ~4 MiB that stay in cache; GPU: ~256 MiB slices (few launches).
         elem = torch.empty(0, dtype=self.dtype).element_size()
-        cols = (1 << 16) if self.device.type == "cpu" else max(1 << 16, (256 << 20) // (elem * j))
-        targets = [self.row(i) for i in range(p)]
+        budget = (4 << 20) if self.device.type == "cpu" else (256 << 20)
+        cols = max(1 << 12, budget // (elem * j))
+        buf = torch.empty(p, min(cols, self.n), dtype=self.dtype, device=self.device)
         for c0 in range(0, self.n, cols):
-            sl = slice(c0, min(self.n, c0 + cols))
-            X = torch.cat([blk[:, sl] for blk in views])
-            Y = Qt @ X
-            for i, row in enumerate(targets):
-                row[sl].copy_(Y[i])
+            c1 = min(self.n, c0 + cols)
+            Y = torch.mm(Qt, self._column_slice(views, c0, c1), out=buf[:, : c1 - c0])
+            if one_block:
+                views[0][:p, c0:c1].copy_(Y)
+            else:
+                for i, row in enumerate(targets):
+                    row[c0:c1].copy_(Y[i])
 
     def cgs(self, w: torch.Tensor, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         r"""One classical Gram–Schmidt pass against rows 0..j-1, in place on ``w`` (owned)."""

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ._reductions import dot, row_norms, vector_norm
 from ._reductions import gram as gram_matrix
-from ._reductions import row_norms
 from ._tridiagonal import EPS64
 
 __all__ = ["Verification", "verify_ritz_pairs", "verify_ritz_pairs_one_by_one"]
@@ -115,30 +115,34 @@ def verify_ritz_pairs(
 def verify_ritz_pairs_one_by_one(
     rows: Sequence[torch.Tensor],
     product: Callable[[torch.Tensor], torch.Tensor],
-    predict: Callable[[int], torch.Tensor] | None,
+    predict: Callable[[int, int, int], torch.Tensor] | None,
     theta: np.ndarray,
     bound_converged: np.ndarray,
     tnorm: float,
     tol: float,
     eps_a: float,
+    slice_cols: int = 1 << 16,
 ) -> Verification:
-    r""":func:`verify_ritz_pairs` with one product and one prediction alive at a time.
+    r""":func:`verify_ritz_pairs` with one product alive at a time and nothing else n-long.
 
     For a basis as large as memory allows (a thick restart's): the Ritz vectors are the
-    basis's own rows, and each pair's product and prediction are formed, measured and
-    dropped before the next, so the check adds two vectors of memory instead of three
-    (p, n) blocks. The decision is the same function's.
+    basis's own rows; each pair's product is formed, and the norms of the pair, of its
+    noise :math:`A y - P` and of its residual :math:`A y - \theta y` are summed column
+    slice by column slice (the prediction made slice by slice too), so the check adds one
+    vector, the product, to the basis. The decision is the same function's.
 
     Args:
         rows: The Ritz vectors, (n,) each (e.g. views of basis rows; not changed).
         product: ``y -> A y`` (counts as one product with the operator).
-        predict: ``i -> P_i``, the Lanczos relation's prediction of ``A rows[i]`` as a fresh
-            tensor the check may overwrite; None measures no noise.
+        predict: ``(i, c0, c1) -> P_i[c0:c1]``, the Lanczos relation's prediction of
+            ``A rows[i]`` on one column slice, as a fresh tensor the check may overwrite;
+            None measures no noise.
         theta: The Ritz values, length p.
         bound_converged: Whether each value's residual bound met ``tol``.
         tnorm: :math:`\|T\|`, the scale of the spectrum.
         tol: The convergence tolerance in force.
         eps_a: The process precision.
+        slice_cols: Columns per slice.
 
     Returns:
         A :class:`Verification`, decided as by :func:`verify_ritz_pairs`.
@@ -146,20 +150,26 @@ def verify_ritz_pairs_one_by_one(
     p = theta.size
     if p == 0:
         return Verification(np.zeros(0, dtype=bool), np.zeros(0), float("nan"))
-    ynorm, noise_norm, rho_abs = np.zeros(p), np.zeros(p), np.zeros(p)
+    sums = []
     for i, y in enumerate(rows):
-        Ay = product(y)
-        pred = None if predict is None else predict(i)
-        yi, ni, ri, _ = _measure(y[None], Ay.reshape(1, -1), theta[i : i + 1],
-                                 None if pred is None else pred[None],
-                                 None if pred is None else pred[None], gram=False)
-        ynorm[i], noise_norm[i], rho_abs[i] = yi[0], ni[0], ri[0]
-        del Ay, pred
+        Ay = product(y).to(y.dtype)
+        acc = torch.zeros(3, dtype=torch.float64, device=y.device)
+        for c0 in range(0, y.numel(), slice_cols):
+            c1 = min(y.numel(), c0 + slice_cols)
+            ys, As = y[c0:c1], Ay[c0:c1]
+            acc[0] += vector_norm(ys).square()
+            if predict is not None:
+                acc[1] += vector_norm(predict(i, c0, c1).sub_(As)).square()
+            acc[2] += vector_norm(As - float(theta[i]) * ys).square()
+        sums.append(acc)
+        del Ay
+    host = torch.stack(sums).sqrt().cpu().numpy()
+    ynorm, noise_norm, rho_abs = host[:, 0], host[:, 1], host[:, 2]
     # The Gram matrix of the Ritz vectors, for the duplicate test (p^2 / 2 dot products).
-    G = np.eye(p) * ynorm**2
+    G = np.diag(ynorm**2)
     for j in range(p):
         for i in range(j):
-            G[i, j] = G[j, i] = float(torch.dot(rows[i], rows[j]))
+            G[i, j] = G[j, i] = float(dot(rows[i], rows[j]))
     return _decide(theta, bound_converged, tnorm, tol, eps_a, ynorm, rho_abs,
                    noise_norm if predict is not None else None, G, None)
 

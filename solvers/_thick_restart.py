@@ -27,8 +27,9 @@ process precision, as the recurrence's step defect is for the unrestarted strate
 A Ritz pair's residual bound is :math:`\|f\|\,|e_m^\top s_i|`, as for the unrestarted
 recurrence; the pairs are verified one at a time against their true residuals
 (:func:`~._ritz_verification.verify_ritz_pairs_one_by_one`): the basis is rotated to the
-Ritz vectors in place, and each pair's product and prediction are formed and dropped in
-turn, so the verification adds two vectors to the basis, not three blocks of k.
+Ritz vectors in place, each pair's product is formed and dropped in turn, and its
+prediction is made column slice by column slice, so the verification adds one vector (the
+product) to the basis, not three blocks of k.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import torch
 from ._as_operator import non_finite_product
 from ._lanczos_strategies import Extracted, _fresh_vector
 from ._reductions import dot, row_norms, vector_norm
-from ._reorthogonalization import KrylovBasis, block_rows_for
+from ._reorthogonalization import KrylovBasis
 from ._ritz_verification import verify_ritz_pairs_one_by_one
 from ._tridiagonal import convergence_thresholds, select_which
 
@@ -73,8 +74,9 @@ class ThickRestart:
     def __init__(self, ctx) -> None:
         self.ctx = ctx
         self.ncv = int(ctx.cfg.ncv)
-        block = block_rows_for(ctx.n, ctx.dtype_c, ctx.basis_device, self.ncv)
-        self.basis = KrylovBasis(ctx.n, ctx.dtype_c, ctx.basis_device, block, ctx.ledger)
+        # One block for the whole (bounded) basis: its column slices are strided views, so
+        # the coefficient products, the rotations and the Gram matrix copy nothing.
+        self.basis = KrylovBasis(ctx.n, ctx.dtype_c, ctx.basis_device, self.ncv, ctx.ledger)
         self.H = np.zeros((self.ncv, self.ncv))
         self.restarts = 0
         self.reorths = 0
@@ -225,14 +227,16 @@ class ThickRestart:
         rows = [self._row(int(i)) for i in idx]
         verification = None
         if ctx.verify:
-            coeffs = S.T @ Hm @ S[:, idx]  # prediction of A y_i along the rotated rows
+            # The prediction of A y_i along the rotated rows, plus the residual's share.
+            coeffs = torch.as_tensor(S.T @ Hm @ S[:, idx], dtype=ctx.dtype_c,
+                                     device=self.basis.device)
             last = S[m - 1, idx]
             w = self._w
 
-            def predict(i: int) -> torch.Tensor:
-                pred = self.basis.combine_rows(coeffs[:, i : i + 1], m, ctx.work)[0]
+            def predict(i: int, c0: int, c1: int) -> torch.Tensor:
+                pred = self.basis.combine_slice(coeffs[:, i], m, c0, c1).to(ctx.work)
                 if w is not None:  # the residual f = A V s - V H s, unnormalized
-                    pred.add_(w.to(pred.device), alpha=float(last[i]))
+                    pred.add_(w[c0:c1].to(pred.device), alpha=float(last[i]))
                 return pred.to(ctx.device)
 
             verification = verify_ritz_pairs_one_by_one(

@@ -211,3 +211,35 @@ def test_kept_count() -> None:
     assert kept_count(7, 5) == 6
     assert kept_count(12, 5) == 8
     assert all(k < kept_count(ncv, k) < ncv for k in range(1, 10) for ncv in range(k + 2, 40))
+
+
+def test_one_by_one_verification_decides_as_the_batched_one() -> None:
+    # The same pairs, products and predictions: the streamed check (slice by slice, one
+    # product at a time) gives the batched check's residuals, noise and verdicts.
+    from curvops.solvers._ritz_verification import (
+        verify_ritz_pairs,
+        verify_ritz_pairs_one_by_one,
+    )
+
+    rng = np.random.default_rng(5)
+    n, p = 1000, 4
+    A = _matrix(np.concatenate([[4.0, 3.0, 2.0, 1.5], rng.uniform(0, 1, n - 4)]), seed=2)
+    evals, evecs = np.linalg.eigh(A.numpy())
+    gen = torch.Generator().manual_seed(0)
+    Y = torch.tensor(evecs[:, ::-1][:, :p].T.copy())
+    Y += 1e-11 * torch.randn(p, n, generator=gen, dtype=torch.float64)
+    Y[1] = Y[0] + 1e-11 * torch.randn(n, generator=gen, dtype=torch.float64)  # a ghost
+    theta = np.array([4.0, 4.0, 2.0, 1.5 + 1e-3])  # the last one is off: it must fail
+    AY = (A @ Y.T).T
+    P = AY + 1e-9 * torch.randn(p, n, generator=gen, dtype=torch.float64)  # a noisy prediction
+    bound = np.ones(p, dtype=bool)
+    batched = verify_ritz_pairs(Y.clone(), AY.clone(), theta, bound, 4.0, 1e-6, 1e-15,
+                                P.clone())
+    streamed = verify_ritz_pairs_one_by_one(
+        list(Y), lambda y: A @ y, lambda i, c0, c1: P[i, c0:c1].clone(), theta, bound, 4.0,
+        1e-6, 1e-15, slice_cols=96)
+    np.testing.assert_allclose(streamed.residuals, batched.residuals, rtol=1e-10, atol=1e-15)
+    assert streamed.noise == pytest.approx(batched.noise, rel=1e-8)
+    np.testing.assert_array_equal(streamed.converged, batched.converged)
+    np.testing.assert_array_equal(batched.converged, [True, False, True, False])
+    assert streamed.notes == batched.notes
