@@ -178,7 +178,6 @@ class ThickRestart:
                 ctx.pbar.set_postfix(converged=int(conv.sum()), restarts=self.restarts)
             done = ctx.tol > 0 and idx.size >= ctx.k and bool(conv.all())
             if done or ctx.iterations >= ctx.cfg.max_iters:
-                self._beta = beta
                 return m, beta
             if m < self.ncv:
                 self._advance(m, beta, breakdown)

@@ -98,6 +98,9 @@ def operators_worker(rank: int) -> dict:
         "minres": lambda A: minres(A, b, damping=1e-2, tol=1e-12, maxiter=200).x.numpy(),
         "trace": lambda A: np.asarray([hutchinson_trace(A, num_probes=8, seed=0).value]),
         "diagonal": lambda A: hutchinson_diagonal(A, num_probes=8, seed=0).diagonal.numpy(),
+        "thick_restart": lambda A: np.asarray(lanczos(
+            A, 4, ncv=7, tol=1e-12, seed=0, maxiter=400, return_eigenvectors=False
+        ).eigenvalues),
     }.items():
         got, want = run(op), run(ref_op)
         out[name] = {"got": got, "rel": float(np.linalg.norm(got - want) / np.linalg.norm(want))}
@@ -248,7 +251,7 @@ def test_shard_batches_keeps_the_order_and_evens_out_the_ranks():
 
 def test_distributed_operators_equal_the_single_process_operator():
     ranks = check_all_ok(run_ranks(operators_worker))
-    others = ("slq", "coefficients", "cg", "minres", "trace", "diagonal")
+    others = ("slq", "coefficients", "cg", "minres", "trace", "diagonal", "thick_restart")
     for key in others:
         assert ranks[0][key]["rel"] <= 1e-10, (key, ranks[0][key]["rel"])
         assert np.array_equal(ranks[0][key]["got"], ranks[1][key]["got"]), key
