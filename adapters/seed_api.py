@@ -385,8 +385,8 @@ def _plan_memory(
         raise MemoryError(
             "no solver strategy fits the memory budget of "
             f"{budget / 2**30:.2f} GiB ({source}): " + "; ".join(why)
-            + ". Lower max_iter, pass reorth='none', a bf16 dtype_compute, or a larger "
-            "memory_budget_bytes"
+            + ". Lower max_iter, pass a smaller ncv (at least k + 2) or reorth='none', a bf16 "
+            "dtype_compute, or a larger memory_budget_bytes"
         )
     label, strategy, ncv = chosen
     if mbs == "auto":
