@@ -203,8 +203,10 @@ def test_an_out_of_memory_case_is_recorded_and_the_run_goes_on(tmp_path, monkeyp
                          "--models", "gpt2-smoke"])
     (model,) = data["sections"]["scale_ladder"]["models"]
     status = {c["strategy"]: c["status"] for c in model["cases"]}
-    assert status == {"full": "ok", "selective": "OOM", "partial": "ok", "none": "ok"}
+    assert status == {"full": "ok", "restarted": "ok", "selective": "OOM", "partial": "ok",
+                      "none": "ok"}
     oom = next(c for c in model["cases"] if c["strategy"] == "selective")
     assert "Tried to allocate 12.00 GiB" in oom["error"] and "memory_at_failure" in oom
-    assert [r["strategy"] for r in model["agreement"]["strategies"]] == ["partial", "none"]
+    assert [r["strategy"] for r in model["agreement"]["strategies"]] == [
+        "restarted", "partial", "none"]
     assert model["status"] == "done" and data["status"] == "complete"

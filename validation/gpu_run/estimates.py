@@ -37,7 +37,8 @@ def fit_iters(n: int, strategy: str, op_dtype: torch.dtype, cap: int, k: int,
 
 
 def iters_in_time(seconds: float, n: int, strategy: str, dtype: torch.dtype,
-                  product_s: float, device: torch.device, cap: int) -> int:
+                  product_s: float, device: torch.device, cap: int,
+                  ncv: int | None = None) -> int:
     r"""The most iterations (``<= cap``) expected to finish in ``seconds``.
 
     Iteration :math:`j` costs one product (:math:`1.2\times` the measured one, for the
@@ -45,6 +46,8 @@ def iters_in_time(seconds: float, n: int, strategy: str, dtype: torch.dtype,
     each reading them twice (and, for a low-precision basis, writing and reading their
     float32 upcast): :math:`4 j n (b + 8)` bytes at an assumed 2 TB/s on a GPU, 10 GB/s on
     a CPU; selective and partial touch the basis far less (a quarter of that is assumed).
+    With a thick restart (``ncv``) the passes cover at most ``ncv`` rows: the cost of a
+    step stops growing there.
     """
     if seconds <= 0:
         return 0
@@ -54,6 +57,8 @@ def iters_in_time(seconds: float, n: int, strategy: str, dtype: torch.dtype,
     per_row = {"full": 1.0, "selective": 0.25, "partial": 0.25, "none": 0.0}[strategy]
     per_row *= row_bytes / bandwidth
     step = 1.2 * max(product_s, 1e-5)
+    if ncv is not None:
+        return int(min(cap, max(0.0, seconds / (step + per_row * ncv))))
     # m steps cost m * step + per_row * m^2 / 2.
     if per_row == 0.0:
         m = seconds / step

@@ -10,7 +10,10 @@ best strategy that ran (full > selective > partial > none); and of the main dtyp
 a run of the comparison dtype on the same (rounded) weights where it fits.
 
 A basis strategy runs with the largest iteration cap that fits memory (:mod:`.estimates`)
-and is ``skipped: memory`` below :math:`k + 10` iterations; ``none`` is always tried. A
+and is ``skipped: memory`` below :math:`k + 10` iterations; ``restarted`` is full
+reorthogonalization with a thick restart (``ncv`` = :data:`RESTART_NCV` or 2k + 2, a
+float32 basis for a bf16 model), whose memory does not grow with the iterations; ``none``
+is always tried. A
 run gets at most as many iterations as its share of the time allows at the measured
 seconds per product, and is ``skipped: budget`` below :math:`k + 10`. An out-of-memory
 error is recorded as ``OOM`` with the memory figures, and the ladder goes on.
@@ -40,7 +43,20 @@ from .settings import LadderSpec, dtype_name
 
 __all__ = ["run_section"]
 
-STRATEGY_PREFERENCE = ("full", "selective", "partial", "none")
+STRATEGY_PREFERENCE = ("full", "restarted", "selective", "partial", "none")
+# The thick restart's basis bound (the seed API's preference for k = 5).
+RESTART_NCV = 12
+
+
+def solver_settings(strategy: str, dtype: torch.dtype, k: int, n: int
+                    ) -> tuple[str, int | None, torch.dtype]:
+    """``(reorth, ncv, basis dtype)`` of a ladder strategy: ``restarted`` is full with a
+    thick restart and a float32 basis where the model's dtype is lower (a restart would
+    round every kept Ritz vector to bf16); the others keep the model's dtype."""
+    if strategy != "restarted":
+        return strategy, None, dtype
+    basis = torch.float32 if torch.empty(0, dtype=dtype).element_size() < 4 else dtype
+    return "full", min(max(2 * k + 2, RESTART_NCV), n - 1), basis
 # Share of the device memory a run may plan to use.
 MEMORY_HEADROOM = 0.97
 # The orthogonality measurement costs j^2 n flops: skipped above this many parameters.
@@ -97,11 +113,22 @@ def _lanczos_case(run: Run, spec: LadderSpec, model_rec: dict[str, Any], op: Any
     product_peak = product["cached_peak_above_before_bytes"]
     # Memory: the iteration cap that fits (basis strategies), or the plain estimate.
     mem_note = ""
+    reorth, ncv, basis_dtype = solver_settings(strategy, dtype, s.k, n)
     if run.device.type == "cuda":
         total = torch.cuda.mem_get_info(run.device)[1]
         now = torch.cuda.memory_allocated(run.device)
         usable = MEMORY_HEADROOM * total - now - product_peak
-        if strategy != "none":
+        if ncv is not None:
+            est = lanczos_memory_bytes(n, reorth, dtype, basis_dtype, cap, s.k, ncv=ncv,
+                                       return_eigenvectors=False)
+            case["memory_estimate"] = dict(est, allocated_now=now, product_peak=product_peak,
+                                           total_device=total,
+                                           fits=est["total"] <= usable)
+            if est["total"] > usable:
+                run.recorder.end(case, status="skipped: memory",
+                                 note=f"{ncv} basis vectors need {est['total'] / GIB:.1f} GiB")
+                return
+        elif strategy != "none":
             fit = fit_iters(n, strategy, dtype, cap, s.k, usable)
             est = lanczos_memory_bytes(n, strategy, dtype, dtype, max(fit, min_iters), s.k)
             case["memory_estimate"] = dict(est, allocated_now=now, product_peak=product_peak,
@@ -124,8 +151,8 @@ def _lanczos_case(run: Run, spec: LadderSpec, model_rec: dict[str, Any], op: Any
     # Time: the start vector (drawn on the CPU), the products, the reorthogonalization.
     start_s = n / 3e8 if run.device.type == "cuda" else 0.0
     avail_s = min(allot_s, run.remaining() - 5.0) - start_s - 2.0
-    budget_iters = iters_in_time(avail_s, n, strategy, dtype, product["cached_s"],
-                                 run.device, cap)
+    budget_iters = iters_in_time(avail_s, n, reorth, basis_dtype, product["cached_s"],
+                                 run.device, cap, ncv=ncv)
     if budget_iters < min_iters:
         run.recorder.end(case, status="skipped: budget",
                          note=f"{budget_iters} iterations fit the time left ({allot_s:.0f} s "
@@ -135,7 +162,9 @@ def _lanczos_case(run: Run, spec: LadderSpec, model_rec: dict[str, Any], op: Any
     notes = [t for t in (mem_note, f"iterations capped at {iters} by time"
                          if budget_iters < cap else "") if t]
     tol = s.tol[dtype_name(dtype)]
-    config = LanczosConfig(k=s.k, max_iters=iters, tol=tol, reorth=strategy, seed=s.seed,
+    config = LanczosConfig(k=s.k, max_iters=iters, tol=tol, reorth=reorth, seed=s.seed,
+                           ncv=ncv if ncv is not None and ncv < iters else None,
+                           dtype_compute=basis_dtype,
                            return_eigenvectors=False, record_history=False,
                            measure_orthogonality=n <= MEASURE_ORTHOGONALITY_MAX_N)
     with run.recorder.change():
@@ -146,7 +175,8 @@ def _lanczos_case(run: Run, spec: LadderSpec, model_rec: dict[str, Any], op: Any
     try:
         with measured(run.device) as mem:
             res = lanczos(op, config=config)
-        estimate = lanczos_memory_bytes(n, strategy, dtype, dtype, iters, s.k)
+        estimate = lanczos_memory_bytes(n, reorth, dtype, basis_dtype, iters, s.k,
+                                        ncv=config.ncv, return_eigenvectors=False)
         updates: dict[str, Any] = {
             "status": "ok",
             "eigenvalues": [float(v) for v in res.eigenvalues],
@@ -171,6 +201,7 @@ def _lanczos_case(run: Run, spec: LadderSpec, model_rec: dict[str, Any], op: Any
             "operator_accuracy": float(res.operator_accuracy),
             "verified": bool(res.verified),
             "breakdowns": int(res.breakdowns), "notes": notes + list(res.notes),
+            "ncv": res.ncv, "restarts": int(res.restarts),
         }
     except Exception as err:
         updates = dict(error_record(err, run.device), notes=notes,

@@ -48,7 +48,8 @@ class LadderSpec:
         family: ``"gpt2"``, ``"qwen2"`` or ``"llama"`` (the transformers classes).
         config: Keyword arguments of the transformers config class.
         dtype: The dtype of the main runs.
-        strategies: Lanczos strategies of the main runs, in the order they run.
+        strategies: Lanczos strategies of the main runs, in the order they run
+            (``restarted``: full with a thick restart, see ``section_scale_ladder``).
         compare_dtype: The dtype of the comparison run of the same weights (None: none).
         compare_strategy: The strategy of the comparison run.
         max_iters: Iteration cap of every run (lowered to fit memory and time).
@@ -98,14 +99,14 @@ GPU_LADDER = (
     LadderSpec("gpt2-small-124m", "gpt2",
                dict(n_embd=768, n_layer=12, n_head=12, vocab_size=50257, n_positions=1024,
                     use_cache=False, **_NO_DROPOUT),
-               torch.bfloat16, ("full", "selective", "partial", "none"),
+               torch.bfloat16, ("full", "restarted", "selective", "partial", "none"),
                compare_dtype=torch.float32, compare_strategy="full", max_iters=150, weight=1.0),
     LadderSpec("qwen2.5-1.5b-shape", "qwen2",
                dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                     num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
                     max_position_embeddings=32768, tie_word_embeddings=True,
                     use_sliding_window=False, use_cache=False),
-               torch.bfloat16, ("none", "full", "selective", "partial"),
+               torch.bfloat16, ("none", "restarted", "full", "selective", "partial"),
                compare_dtype=torch.float32, compare_strategy="none", max_iters=150, weight=1.6),
     LadderSpec("llama-7b-shape", "llama",
                dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -120,7 +121,7 @@ SMOKE_LADDER = (
     LadderSpec("gpt2-smoke", "gpt2",
                dict(n_embd=16, n_layer=1, n_head=2, vocab_size=48, n_positions=16,
                     use_cache=False, **_NO_DROPOUT),
-               torch.float32, ("full", "selective", "partial", "none"), max_iters=80),
+               torch.float32, ("full", "restarted", "selective", "partial", "none"), max_iters=80),
     LadderSpec("qwen2-smoke", "qwen2",
                dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1,
                     num_attention_heads=4, num_key_value_heads=2, vocab_size=48,
@@ -131,7 +132,7 @@ SMOKE_LADDER = (
                dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                     num_attention_heads=2, num_key_value_heads=2, vocab_size=16,
                     max_position_embeddings=16, tie_word_embeddings=False, use_cache=False),
-               torch.bfloat16, ("full", "none"), compare_dtype=torch.float32,
+               torch.bfloat16, ("full", "restarted", "none"), compare_dtype=torch.float32,
                compare_strategy="full", max_iters=60),
 )
 # (zoo model, dtype, operators) of the cross-check section.
