@@ -144,21 +144,31 @@ class ThickRestart:
         conv = bounds <= convergence_thresholds(theta[idx], self.tnorm, ctx.tol or 1e-8)
         return idx, bounds, conv
 
-    def run(self, start: list[torch.Tensor]) -> tuple[int, float]:
+    def run(self, start: list[torch.Tensor], resume: int | None = None) -> tuple[int, float]:
         """Iterate until the k wanted values converge or ``maxiter`` products are spent.
 
         Args:
             start: A list holding the unit start vector; it is taken out (so that the
                 caller holds no second copy of a vector as large as a basis row).
+            resume: The row the next step works on, when :meth:`load_state_dict` restored
+                a checkpoint (the start vector is then not used); None starts afresh.
 
         Returns:
             ``(m, beta)``: the rows of the final basis and the norm of its residual (the
             residual itself is kept for :meth:`extract`).
         """
         ctx = self.ctx
-        self.basis.set(0, start.pop())
-        j = 0
+        v0 = start.pop()
+        if resume is None:
+            self.basis.set(0, v0)
+        del v0
+        j = 0 if resume is None else resume
+        saved_at = ctx.iterations  # a resumed run does not write the state it read
         while True:
+            if (ctx.checkpoint is not None and ctx.iterations != saved_at
+                    and ctx.checkpoint.due(ctx.iterations)):
+                ctx.save_checkpoint({"restart": self.state_dict(j)})
+                saved_at = ctx.iterations
             beta, unorm = self._step(j)
             ctx.iterations += 1
             m = j + 1
@@ -204,6 +214,27 @@ class ThickRestart:
         else:
             self.basis.set(m, self._w.div_(beta))
             self.H[m, m - 1] = beta
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def state_dict(self, j: int) -> dict[str, object]:
+        """The recurrence before the step on row ``j``: rows 0..j, H, the counts."""
+        return {"j": int(j), "H": torch.from_numpy(self.H.copy()),
+                "basis": self.basis.state_dict(j + 1), "restarts": int(self.restarts),
+                "reorths": int(self.reorths), "tnorm": float(self.tnorm)}
+
+    def load_state_dict(self, state: dict[str, object]) -> int:
+        """Restore :meth:`state_dict`'s state; return the row the next step works on."""
+        j = int(state["j"])
+        H = state["H"].numpy()
+        rows = state["basis"]
+        if H.shape != self.H.shape or not 0 <= j < self.ncv or rows.shape[0] != j + 1:
+            raise ValueError(f"a restarted state of row {j}, H {tuple(H.shape)} and "
+                             f"{rows.shape[0]} rows does not fit ncv={self.ncv}")
+        self.H[:] = H
+        self.basis.load_state_dict(rows)
+        self.restarts, self.reorths = int(state["restarts"]), int(state["reorths"])
+        self.tnorm = float(state["tnorm"])
+        return j
 
     # -- the result ---------------------------------------------------------------------
     def extract(self, m: int, beta: float, want_vectors: bool) -> Extracted:

@@ -136,9 +136,9 @@ class LanczosConfig:
         ncv: Most Lanczos vectors kept at once (scipy's name): when the basis is full, the
             run restarts thickly (Wu & Simon 2000), keeping the Ritz vectors nearest the
             wanted end, so memory stays at ``ncv`` vectors however many iterations run.
-            None (default): the basis grows to ``max_iters``. Needs ``reorth="full"`` and a
-            float32/float64 basis, at least ``k + 2`` and no ``checkpoint_path``; from
-            ``min(max_iters, n)`` up it changes nothing. See ``docs/lanczos.md``.
+            None (default): the basis grows to ``max_iters``. Needs ``reorth="full"``, a
+            float32/float64 basis and at least ``k + 2``; from ``min(max_iters, n)`` up it
+            changes nothing. See ``docs/lanczos.md``.
     """
 
     k: int = 5
@@ -274,8 +274,6 @@ def _check_settings(cfg: LanczosConfig, label: Callable[[str], str]) -> None:
         elif cfg.dtype_compute is not None and cfg.dtype_compute in LOW_PRECISION:
             why = (f"a restart rotates the basis in its own dtype, and {cfg.dtype_compute} "
                    "would round every kept Ritz vector: use a float32 or float64 basis")
-        elif cfg.checkpoint_path is not None:
-            why = "a restarted run cannot be checkpointed yet: leave checkpoint_path None"
         elif cfg.rayleigh_ritz:
             why = "its values are already those of V^T A V: leave rayleigh_ritz None"
         if why:
@@ -814,16 +812,22 @@ class _Run:
         """The thick-restarted run (``ncv``): bounded basis, pairs verified one by one."""
         tr = ThickRestart(self)
         try:
+            resume = self._resume(tr)
             self.pbar = _progress_bar(
                 self.cfg.max_iters, self.cfg.progress and is_main_rank(self.op.process_group)
             )
             try:
-                m, beta = tr.run(start)
+                m, beta = tr.run(start, resume)
             finally:
                 if self.pbar is not None:
                     self.pbar.close()
             ext = tr.extract(m, beta, self.cfg.return_eigenvectors)
-            return self._finish(tr, ext, self.iterations)
+            result = self._finish(tr, ext, self.iterations)
+            if self.checkpoint is not None:
+                with collective_step(self.op.process_group, self.device,
+                                     "removing the checkpoint"):
+                    self.checkpoint.remove()
+            return result
         finally:
             tr.release()
 
@@ -911,7 +915,7 @@ class _Run:
             "operator_eps": cfg.operator_eps, "verify": cfg.verify,
             "return_eigenvectors": cfg.return_eigenvectors,
             "record_history": cfg.record_history, "cullum_willoughby": cfg.cullum_willoughby,
-            "measure_orthogonality": cfg.measure_orthogonality,
+            "measure_orthogonality": cfg.measure_orthogonality, "ncv": cfg.ncv,
         }
         self.checkpoint = Checkpoint(
             cfg.checkpoint_path, cfg.checkpoint_every, probe_operator(self.op),
@@ -924,16 +928,42 @@ class _Run:
                v_prev: torch.Tensor, v: torch.Tensor, s_pending: torch.Tensor) -> dict:
         """The run's state after ``m`` iterations: tensors and plain values only."""
         return {
-            "m": m, "alpha": [float(a) for a in alpha], "beta": [float(b) for b in beta],
-            "s_pending": host_copy(s_pending), "matvecs": self.matvecs,
+            **self._common_state(m),
+            "alpha": [float(a) for a in alpha], "beta": [float(b) for b in beta],
+            "s_pending": host_copy(s_pending), "strategy": strat.state_dict(m, v_prev, v),
+        }
+
+    def save_checkpoint(self, part: dict) -> None:
+        """Write the run's common state with a loop's own ``part`` (the thick restart)."""
+        self.checkpoint.save({**self._common_state(self.iterations), **part})
+
+    def _common_state(self, m: int) -> dict:
+        """What every run saves after ``m`` iterations: counts, notes, history, the
+        generator and the measured precision."""
+        return {
+            "m": m, "matvecs": self.matvecs,
             "breakdowns": self.breakdowns, "anorm": float(self.anorm),
             "notes": list(self.notes),
             "history": (None if self.history is None
                         else [torch.from_numpy(np.array(h, np.float64)) for h in self.history]),
             "generator": self.gen.get_state(), "monitor": self.monitor.state_dict(),
             "peak_memory_bytes": int(self.ledger.peak),
-            "strategy": strat.state_dict(m, v_prev, v),
         }
+
+    def _load_common(self, state: dict) -> int:
+        """Restore :meth:`_common_state`'s part; return the iterations it was saved after."""
+        m = int(state["m"])
+        self.matvecs = int(state["matvecs"])
+        self.breakdowns = int(state["breakdowns"])
+        self.anorm = float(state["anorm"])
+        self.notes = [str(note) for note in state["notes"]]
+        if self.history is not None:
+            self.history = [h.numpy() for h in state["history"]]
+        self.gen.set_state(state["generator"])
+        self.monitor.load_state_dict(state["monitor"])
+        self.ledger.peak = max(self.ledger.peak, int(state["peak_memory_bytes"]))
+        self.resumed_from = m
+        return m
 
     def _resume(self, strat):
         """The loop state of the checkpoint this run resumes, or None to start afresh."""
@@ -973,22 +1003,19 @@ class _Run:
         return loop
 
     def _load_state(self, strat, state: dict):
+        if isinstance(strat, ThickRestart):
+            m = self._load_common(state)
+            if not 1 <= m < self.cfg.max_iters:
+                raise ValueError(f"iteration {m} of at most {self.cfg.max_iters}")
+            self.iterations = m
+            return strat.load_state_dict(state["restart"])
         m = int(state["m"])
         alpha = [float(a) for a in state["alpha"]]
         beta = [float(b) for b in state["beta"]]
         if not (1 <= m < self.m_max and len(alpha) == m and len(beta) == m + 1):
             raise ValueError(f"iteration {m} with {len(alpha)} alphas and {len(beta)} betas")
-        self.matvecs = int(state["matvecs"])
-        self.breakdowns = int(state["breakdowns"])
-        self.anorm = float(state["anorm"])
-        self.notes = [str(note) for note in state["notes"]]
-        if self.history is not None:
-            self.history = [h.numpy() for h in state["history"]]
-        self.gen.set_state(state["generator"])
-        self.monitor.load_state_dict(state["monitor"])
+        self._load_common(state)
         v_prev, v = strat.load_state_dict(state["strategy"])
-        self.ledger.peak = max(self.ledger.peak, int(state["peak_memory_bytes"]))
-        self.resumed_from = m
         return m, alpha, beta, v_prev, v, state["s_pending"].to(self.device)
 
     # -- verification and the result ----------------------------------------------------

@@ -130,6 +130,29 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path: Path, reorth: str) -> N
     assert resumed >= ref.iterations - 3
 
 
+@pytest.mark.parametrize("ncv, every", [(6, 3), (9, 2)])
+def test_a_thick_restart_resumes_bit_identically(tmp_path: Path, ncv: int, every: int) -> None:
+    """The restarted recurrence (several restarts): a crash at every product, the resumed
+    run equal to the uninterrupted one bit for bit."""
+    A = decaying()
+    kwargs = {"k": 4, "tol": 1e-12, "maxiter": 200, "ncv": ncv,
+              "checkpoint_every": every, "record_history": True}
+    ref = lanczos(Crashing(A), **{key: v for key, v in kwargs.items()
+                                  if key != "checkpoint_every"})
+    assert ref.all_converged and ref.restarts >= 3
+    path = tmp_path / "run.ckpt"
+    resumed = 0
+    for limit in range(1, ref.matvecs + 1):
+        res = crash_then_resume(lambda: A.clone(), path, limit, **kwargs)
+        if res is None:
+            continue
+        assert_bit_identical(ref, res)
+        assert res.restarts == ref.restarts and res.ncv == ncv
+        resumed += res.resumed_from > 0
+        assert list(tmp_path.iterdir()) == []
+    assert resumed >= ref.iterations - 4
+
+
 @pytest.mark.parametrize("reorth", STRATEGIES)
 def test_resume_with_noisy_products_breakdowns_and_history(tmp_path: Path, reorth: str) -> None:
     """The harder states: a measured operator defect (deterministic non-symmetric noise,
