@@ -66,7 +66,7 @@ def _problem(shape: dict[str, int], batch: int, seq: int):
 
 
 def _side(side: str, shape_name: str, batch: int, seq: int, threads: int,
-          tol: float) -> dict[str, Any]:
+          tol: float, memory_budget_bytes: int | None = None) -> dict[str, Any]:
     """One side's run, in this process."""
     import numpy as np
     import torch
@@ -79,7 +79,8 @@ def _side(side: str, shape_name: str, batch: int, seq: int, threads: int,
         from curvops.adapters.seed_api import compute_fisher_eigenvalues_lanczos
 
         out = compute_fisher_eigenvalues_lanczos(model, data, k=5, ggn_mode="true",
-                                                 max_iter=120, tol=tol)
+                                                 max_iter=120, tol=tol,
+                                                 memory_budget_bytes=memory_budget_bytes)
         meta = out["metadata"]
         row = {"top": out["top_eigenvalues"], "matvecs": meta["matvecs"],
                "converged": meta["converged"], "strategy": meta["reorth"],
@@ -120,16 +121,20 @@ MALLOC_REUSE = {"MALLOC_MMAP_THRESHOLD_": str(4 << 30), "MALLOC_TRIM_THRESHOLD_"
 
 
 def run(shape: str, batch: int, seq: int, threads: int, timeout: float, tol: float,
-        malloc_reuse: bool = False) -> dict[str, Any]:
+        malloc_reuse: bool = False, memory_budget_bytes: int | None = None,
+        sides: tuple[str, ...] = ("curvops", "eigsh")) -> dict[str, Any]:
     """Both sides, each in a fresh process; then their agreement."""
     out: dict[str, Any] = {"shape": {"name": shape, **SHAPES[shape]},
                            "batch": [batch, seq], "threads": threads, "tol": tol,
                            "malloc_env": MALLOC_REUSE if malloc_reuse else None,
+                           "memory_budget_bytes": memory_budget_bytes,
                            "load_average_before": os.getloadavg()}
-    for side in ("curvops", "eigsh"):
+    for side in sides:
         cmd = [sys.executable, "-m", "curvops.validation.bench_lm_top5", "--side", side,
                "--shape", shape, "--batch", str(batch), "--seq", str(seq),
                "--threads", str(threads), "--tol", repr(tol)]
+        if memory_budget_bytes is not None:
+            cmd += ["--memory-budget-bytes", str(memory_budget_bytes)]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads),
                "OPENBLAS_NUM_THREADS": str(threads), **(MALLOC_REUSE if malloc_reuse else {})}
         t0 = time.perf_counter()
@@ -169,14 +174,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tol", type=float, default=1e-4)
     p.add_argument("--malloc-reuse", action="store_true",
                    help="both sides with glibc's large-block reuse (MALLOC_MMAP_THRESHOLD_)")
+    p.add_argument("--memory-budget-bytes", type=int, default=None,
+                   help="curvops' memory_budget_bytes (default: the seed API's share)")
+    p.add_argument("--sides", nargs="+", choices=("curvops", "eigsh"),
+                   default=["curvops", "eigsh"])
     p.add_argument("--timeout", type=float, default=1500.0)
     p.add_argument("--out", default=str(RESULTS / "bench_lm_top5.json"))
     a = p.parse_args(argv)
     shape = "small" if a.small else a.shape
     if a.side is not None:
-        print(json.dumps(_side(a.side, shape, a.batch, a.seq, a.threads, a.tol)))
+        print(json.dumps(_side(a.side, shape, a.batch, a.seq, a.threads, a.tol,
+                               a.memory_budget_bytes)))
         return
-    result = run(shape, a.batch, a.seq, a.threads, a.timeout, a.tol, a.malloc_reuse)
+    result = run(shape, a.batch, a.seq, a.threads, a.timeout, a.tol, a.malloc_reuse,
+                 a.memory_budget_bytes, tuple(a.sides))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k not in ("curvops", "eigsh")}))
