@@ -53,7 +53,7 @@ def vector_norm(x: torch.Tensor) -> torch.Tensor:
 def row_norms(X: torch.Tensor) -> torch.Tensor:
     """The norms of the rows of a 2-D tensor, float64, on its device."""
     p, n = X.shape
-    if not _blocked(X[0] if p else X.reshape(-1)) or p == 0:
+    if p == 0 or not _blocked(X[0]):
         return torch.linalg.vector_norm(X, dim=1, dtype=torch.float64
                                         if X.dtype != torch.float64 else None)
     m = n - n % BLOCK

@@ -784,20 +784,44 @@ class _Run:
 
     # -- the recurrence ---------------------------------------------------------------
     def solve(self, v0: torch.Tensor) -> LanczosResult:
+        """The run of one of the four strategies (the basis grows to ``maxiter``)."""
         strat = make_strategy(self.strategy_name, self)
+
+        def iterate(resume):
+            return self._iterate(strat, v0, resume)
+
+        def extract(loop):
+            m, alpha, beta, beta_next, w_last = loop
+            return m, strat.extract(m, alpha, beta, beta_next, w_last,
+                                    self.cfg.return_eigenvectors)
+
+        return self._solve(strat, iterate, extract)
+
+    def solve_restarted(self, start: list[torch.Tensor]) -> LanczosResult:
+        """The thick-restarted run (``ncv``): bounded basis, pairs verified one by one."""
+        tr = ThickRestart(self)
+
+        def extract(loop):
+            m, beta = loop
+            return self.iterations, tr.extract(m, beta, self.cfg.return_eigenvectors)
+
+        return self._solve(tr, lambda resume: tr.run(start, resume), extract)
+
+    def _solve(self, strat, iterate, extract) -> LanczosResult:
+        """Resume (or start), iterate under the progress bar, extract, finish, remove the
+        checkpoint; ``strat`` is released whatever happens."""
         try:
             resume = self._resume(strat)
             self.pbar = _progress_bar(
                 self.cfg.max_iters, self.cfg.progress and is_main_rank(self.op.process_group)
             )
             try:
-                m, alpha, beta, beta_next, w_last = self._iterate(strat, v0, resume)
+                loop = iterate(resume)
             finally:
                 if self.pbar is not None:
                     self.pbar.close()
-            ext = strat.extract(m, alpha, beta, beta_next, w_last,
-                                self.cfg.return_eigenvectors)
-            result = self._finish(strat, ext, m)
+            iterations, ext = extract(loop)
+            result = self._finish(strat, ext, iterations)
             if self.checkpoint is not None:
                 # The run is done: nothing is left to resume. Rank 0 removes the file and
                 # every rank returns after it did.
@@ -807,29 +831,6 @@ class _Run:
             return result
         finally:
             strat.release()
-
-    def solve_restarted(self, start: list[torch.Tensor]) -> LanczosResult:
-        """The thick-restarted run (``ncv``): bounded basis, pairs verified one by one."""
-        tr = ThickRestart(self)
-        try:
-            resume = self._resume(tr)
-            self.pbar = _progress_bar(
-                self.cfg.max_iters, self.cfg.progress and is_main_rank(self.op.process_group)
-            )
-            try:
-                m, beta = tr.run(start, resume)
-            finally:
-                if self.pbar is not None:
-                    self.pbar.close()
-            ext = tr.extract(m, beta, self.cfg.return_eigenvectors)
-            result = self._finish(tr, ext, self.iterations)
-            if self.checkpoint is not None:
-                with collective_step(self.op.process_group, self.device,
-                                     "removing the checkpoint"):
-                    self.checkpoint.remove()
-            return result
-        finally:
-            tr.release()
 
     def _iterate(self, strat, v0: torch.Tensor, resume=None):
         if resume is None:
