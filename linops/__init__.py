@@ -10,7 +10,8 @@
   (:mod:`.gram`), per-example gradients (:mod:`.per_example`).
 * The operators by name (:mod:`.registry`): canonical names, short names, aliases.
 * Micro-batch memory planning (:mod:`.memory`), on the measuring primitives of
-  :mod:`.memory_probe` (peak memory, bytes saved for backward, bytes held).
+  :mod:`.memory_probe` (peak memory, bytes saved for backward, bytes held); reuse of freed
+  host memory across products (:mod:`.host_allocator`).
 * Shared pieces: the number checks (:mod:`.checks`), the dtype table (:mod:`.dtypes`), the
   set-up of operators built from a model, a loss and data (:mod:`.empirical_risk`).
 
@@ -31,6 +32,7 @@ from .data import shard_batches
 from .distributed import RankFailedError, RanksDisagreeError
 from .gram import GramOperator
 from .hf import LanguageModelObjective, attention_product_context, hf_objective, is_hf_model
+from .host_allocator import reuse_freed_memory
 from .losses import LossKind, TorchLoss
 from .memory import MicroBatchPlan, plan_micro_batches
 from .objective import Count, Objective, Rows, TorchObjective
@@ -73,6 +75,7 @@ __all__ = [
     "per_example_gradient_chunks",
     "per_example_gradients",
     "plan_micro_batches",
+    "reuse_freed_memory",
     "select_parameters",
     "to_cupy",
     "to_scipy",

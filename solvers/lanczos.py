@@ -26,6 +26,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from curvops.linops import host_allocator
 from curvops.linops.checks import check_int, check_real
 from curvops.linops.distributed import collective_step, is_main_rank
 from curvops.linops.dtypes import LOW_PRECISION, working_dtype
@@ -139,6 +140,10 @@ class LanczosConfig:
             None (default): the basis grows to ``max_iters``. Needs ``reorth="full"``, a
             float32/float64 basis and at least ``k + 2``; from ``min(max_iters, n)`` up it
             changes nothing. See ``docs/lanczos.md``.
+        reuse_freed_memory: Keep freed host memory for reuse during the run of a CPU
+            operator (:func:`curvops.linops.host_allocator.reuse_freed_memory`: glibc's
+            mmap threshold raised, so each product does not fault its large temporaries
+            in again); changes no number. False leaves the allocator alone.
     """
 
     k: int = 5
@@ -163,6 +168,7 @@ class LanczosConfig:
     checkpoint_path: str | os.PathLike | None = None
     checkpoint_every: int = 10
     ncv: int | None = None
+    reuse_freed_memory: bool = True
 
     def __post_init__(self) -> None:
         self.validate()
@@ -201,9 +207,10 @@ _KEYWORD_FIELDS = {
     "checkpoint_path": "checkpoint_path",
     "checkpoint_every": "checkpoint_every",
     "ncv": "ncv",
+    "reuse_freed_memory": "reuse_freed_memory",
 }
 _FLAGS = ("return_eigenvectors", "record_history", "progress", "cullum_willoughby",
-          "measure_orthogonality", "verify")
+          "measure_orthogonality", "verify", "reuse_freed_memory")
 
 
 def _check_settings(cfg: LanczosConfig, label: Callable[[str], str]) -> None:
@@ -544,6 +551,7 @@ def lanczos(
     checkpoint_path: str | os.PathLike | None = _DEFAULT.checkpoint_path,
     checkpoint_every: int = _DEFAULT.checkpoint_every,
     ncv: int | None = _DEFAULT.ncv,
+    reuse_freed_memory: bool = _DEFAULT.reuse_freed_memory,
     config: LanczosConfig | None = None,
 ) -> LanczosResult:
     """Extreme eigenvalues (and vectors) of a symmetric operator by Lanczos.
@@ -600,6 +608,9 @@ def lanczos(
         ncv: Most Lanczos vectors kept at once; a full basis restarts thickly, keeping the
             Ritz vectors nearest the wanted end (memory: ``ncv`` vectors, whatever
             ``maxiter``). None = no restart. Needs ``reorth="full"`` and ``ncv >= k + 2``.
+        reuse_freed_memory: For a CPU operator, keep freed host memory for reuse during
+            the run (no page faults on each product's large temporaries; glibc only; no
+            number changes). False leaves the allocator alone.
         config: All settings as one :class:`LanczosConfig`; see above for how it combines
             with the keywords.
 
@@ -643,14 +654,16 @@ def lanczos(
         v = _start_vector(v0, n, run.device, run.work)
     run.tracker.start()
     try:
-        if cfg.checkpoint_path is not None:
-            run.open_checkpoint(v)
-        if run.restarted:
-            # The run takes the start vector out of the list: no second n-vector is held.
-            start = [v]
-            del v
-            return run.solve_restarted(start)
-        return run.solve(v)
+        with host_allocator.reuse_freed_memory(cfg.reuse_freed_memory
+                                               and run.device.type == "cpu"):
+            if cfg.checkpoint_path is not None:
+                run.open_checkpoint(v)
+            if run.restarted:
+                # The run takes the start vector out of the list: no second n-vector is held.
+                start = [v]
+                del v
+                return run.solve_restarted(start)
+            return run.solve(v)
     finally:
         run.tracker.stop()
 

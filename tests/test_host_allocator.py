@@ -1,0 +1,58 @@
+"""reuse_freed_memory: freed host blocks are reused inside the block, returned after it."""
+
+import resource
+
+import numpy as np
+import pytest
+import torch
+from curvops.linops import host_allocator
+from curvops.linops.host_allocator import reuse_freed_memory
+from curvops.solvers import lanczos
+
+GLIBC = host_allocator._glibc() is not None
+BLOCK = 16 << 20  # 64 MiB of float32: above glibc's largest dynamic mmap threshold
+
+
+def _faults_of_second_block() -> int:
+    """Minor page faults of filling a 64 MiB tensor after an equal one was freed."""
+    torch.empty(BLOCK).fill_(1.0)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(BLOCK).fill_(2.0)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc only")
+def test_a_freed_block_is_reused_inside_and_faulted_in_again_outside():
+    pages = BLOCK * 4 // 4096
+    assert _faults_of_second_block() > pages // 2  # a fresh mmap: every page faults
+    with reuse_freed_memory() as active:
+        assert active
+        assert _faults_of_second_block() < pages // 20  # the freed block, reused
+    assert _faults_of_second_block() > pages // 2  # settled again: fresh mmaps
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc only")
+def test_blocks_nest_and_the_outermost_settles():
+    with reuse_freed_memory():
+        with reuse_freed_memory() as inner:
+            assert inner and host_allocator._depth == 2
+        assert host_allocator._depth == 1
+        assert _faults_of_second_block() < BLOCK // 4096 // 20  # still reusing
+    assert host_allocator._depth == 0
+
+
+def test_disabled_does_nothing():
+    with reuse_freed_memory(False) as active:
+        assert not active and host_allocator._depth == 0
+
+
+def test_lanczos_gives_the_same_numbers_with_and_without_reuse():
+    rng = np.random.default_rng(0)
+    Q, _ = np.linalg.qr(rng.standard_normal((300, 300)))
+    A = torch.from_numpy((Q * np.linspace(1, 10, 300)) @ Q.T)
+    on = lanczos(A, 4, tol=1e-10)
+    off = lanczos(A, 4, tol=1e-10, reuse_freed_memory=False)
+    assert np.array_equal(on.eigenvalues, off.eigenvalues)
+    assert host_allocator._depth == 0
+    with pytest.raises(TypeError, match="reuse_freed_memory must be a bool"):
+        lanczos(A, 4, reuse_freed_memory=1)
