@@ -37,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -55,7 +55,7 @@ from ..linops.distributed import (
 )
 from ..linops.dtypes import dtype_name
 from ..linops.hf import hf_objective, is_hf_model
-from ..linops.memory import plan_micro_batches
+from ..linops.memory import MicroBatchPlan, plan_micro_batches
 from ..linops.memory_probe import available_memory_bytes
 from ..linops.objective import Objective, as_objective
 from ..linops.params import model_dtype
@@ -92,6 +92,9 @@ _STRATEGY_CODE = {"full": 0, "selective": 1, "partial": 2, "none": 3}
 #: as an unbounded basis on the GPT-2 GGNs measured, docs/lanczos.md); fewer when only
 #: fewer fit, down to k + 2.
 RESTART_NCV = 12
+#: A thick restart keeps the product cache while at least k + CACHE_FIRST_EXTRA vectors fit
+#: beside it; below that, the basis gets the memory and products run fresh.
+CACHE_FIRST_EXTRA = 4
 
 # Keyword arguments the entry points accept besides their named ones.
 _OPTIONS = {
@@ -298,15 +301,19 @@ def _plan_memory(
     r"""Choose the solver strategy and the micro-batch size that fit the run's memory budget.
 
     The budget :math:`B` (``memory_budget_bytes``, else :data:`MEMORY_BUDGET_SHARE` of the
-    device's free memory) covers the solver's own tensors :math:`S` (estimated by
+    device's free memory) is what the run may add to the memory in use when it starts
+    (the model, its data). It covers the solver's own tensors :math:`S` (estimated by
     :func:`~curvops.solvers.memory_estimate.lanczos_memory_bytes` for ``max_iter``
-    iterations), one product :math:`P` (measured by the micro-batch plan's probe) and the
-    product cache (what is left). The strategy the call names is kept; otherwise, in
-    order, the first that leaves :math:`B - S` room for a product of at least one example:
-    full reorthogonalization; full with a thick restart, its basis bounded by the largest
-    ``ncv`` from ``max(2k + 2, RESTART_NCV)`` down to ``k + 2`` whose estimate fits (a
-    float32/float64 basis only); ``none``. A strategy that cannot fit raises before any
-    product.
+    iterations), one product and the product cache, both measured by the micro-batch
+    plan's probe: a product's peak :math:`P` (the building of its micro-batch's cache state
+    :math:`H` included) and the state itself, so that the whole cache :math:`C` (every
+    micro-batch's state) fits when :math:`S + C + (P - H) \le B`. The strategy the call
+    names is kept; otherwise, in order, the first that leaves :math:`B - S` room for a
+    product of at least one example: full reorthogonalization; full with a thick restart
+    (a float32/float64 basis only), its basis bounded by the largest ``ncv`` from
+    ``max(2k + 2, RESTART_NCV)`` down whose estimate fits beside the cache while at least
+    ``k + CACHE_FIRST_EXTRA`` vectors do, else beside a fresh product down to ``k + 2``;
+    ``none``. A strategy that cannot fit raises before any product.
 
     Returns:
         The settings (strategy and ``ncv`` possibly changed), the micro-batch size, the
@@ -351,6 +358,7 @@ def _plan_memory(
     record: dict[str, Any] = {"budget_bytes": budget, "budget_from": source,
                               "solver_estimate_bytes": estimates}
     plan = None
+    cache_total = 0.0
     for label, strategy, ncv in candidates:
         # A restart is tried with its smallest basis first; the basis then takes what the
         # product leaves.
@@ -367,16 +375,15 @@ def _plan_memory(
             except MemoryError as err:
                 why.append(f"reorth={label!r}: {err}")
                 continue
+            cache_total = _cache_total(plan, objective, data)
         if ncv == "restart":
-            if plan is not None:
-                product = plan.fixed_bytes + plan.bytes_per_example * plan.batch_size_used
-            else:
-                product = 0 if rest is None else rest / 2
-            ncv = next(c for c in range(preferred, cfg.k + 1, -1)
-                       if budget is None or estimate("full", c) + product <= budget)
-            if ncv != preferred:
+            ncv, cached = _restart_size(plan, budget, rest, cache_total, preferred, cfg.k,
+                                        lambda c: estimate("full", c))
+            if ncv != preferred or not cached:
                 why.append(f"reorth={label!r} needs {estimates[label] / 2**30:.2f} GiB with "
-                           "its product, over the budget")
+                           "its product" + (" and cache" if cached else "") + ", over the "
+                           "budget" + ("" if cached else "; no room for the product cache "
+                                       f"with at least {cfg.k + CACHE_FIRST_EXTRA} vectors"))
                 label = f"full, ncv={ncv}"
                 estimates[label] = estimate("full", ncv)
         chosen = (label, strategy, ncv)
@@ -396,14 +403,58 @@ def _plan_memory(
     record["strategy_from"] = "argument" if strategy_given else "memory budget"
     if why:
         record["rejected"] = why
+    if plan is not None:
+        record["product_peak_bytes"] = int(plan.product_bytes())
+        record["cache_estimate_bytes"] = int(cache_total)
     if budget is not None:
         rest = budget - estimates[label]
-        product = (plan.fixed_bytes + plan.bytes_per_example * plan.batch_size_used
-                   if plan is not None else rest / 2)
-        record["cache_budget_bytes"] = max(int(rest - product), 0)
+        record["cache_budget_bytes"] = max(int(rest - _cached_product_bytes(plan, rest)), 0)
     if (strategy, ncv) != (cfg.strategy, cfg.ncv):
         cfg = dataclasses.replace(cfg, reorth=strategy, ncv=ncv)
     return cfg, mbs, plan, record
+
+
+def _cache_total(plan: MicroBatchPlan, objective: Objective, data: Any) -> float:
+    """The product cache of the whole data: every micro-batch's measured state."""
+    total = 0.0
+    for batch in DataSource(data):
+        examples = objective.count(batch).examples
+        full, part = divmod(examples, plan.batch_size_used)
+        total += full * plan.held_bytes() + (plan.held_bytes(part) if part else 0.0)
+    return total
+
+
+def _cached_product_bytes(plan: MicroBatchPlan | None, rest: float) -> float:
+    """A product's memory besides the cache: the measured peak less the micro-batch's
+    state (which the cache holds); half of what is left when nothing was measured."""
+    if plan is None:
+        return rest / 2
+    return max(plan.product_bytes() - plan.held_bytes(), 0.0)
+
+
+def _restart_size(
+    plan: MicroBatchPlan | None, budget: int | None, rest: float | None, cache_total: float,
+    preferred: int, k: int, solver_bytes: Callable[[int], int],
+) -> tuple[int, bool]:
+    """The thick restart's ``ncv`` and whether the product cache fits beside it.
+
+    The cache comes first while at least ``k + CACHE_FIRST_EXTRA`` vectors fit beside it
+    (a cached product costs about two thirds of a fresh one on the GPT-2 GGNs measured,
+    where each vector below that adds a tenth or more products); else the largest basis
+    that fits with fresh products. A basis never goes below ``k + 2``.
+    """
+    if budget is None:
+        return preferred, True
+    sizes = range(preferred, k + 1, -1)
+    if plan is not None:
+        cached = _cached_product_bytes(plan, 0.0) + cache_total
+        for c in sizes:
+            if c >= k + CACHE_FIRST_EXTRA and solver_bytes(c) + cached <= budget:
+                return c, True
+        fresh = plan.product_bytes()
+    else:
+        fresh = rest / 2
+    return next((c for c in sizes if solver_bytes(c) + fresh <= budget), k + 2), False
 
 
 def _spectrum(

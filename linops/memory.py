@@ -12,16 +12,22 @@ product on the first one and two examples of the widest batch and fits
 (fixed cost :math:`b_0`, cost per example :math:`b_1`), then picks the largest
 :math:`m` with :math:`\mathrm{bytes}(m) \le` budget.
 
-The measurements are :mod:`curvops.linops.memory_probe`'s:
+The measurements are :mod:`curvops.linops.memory_probe`'s, the same quantity on every
+device: the product's peak above the memory allocated before it, the building of its
+cache state included, and the state the operator's cache then holds (``held``, fitted
+the same way: :math:`h_0 + m\, h_1`), so that the rest of a product, :math:`b - h`, can be
+told from the state a cache keeps.
 
-* **CUDA**: bytes = the product's peak above the memory allocated before it
+* **CUDA**: ``torch.cuda.max_memory_allocated`` above entry
   (:func:`~curvops.linops.memory_probe.peak_memory`); budget = ``safety ·`` free memory
   unless given.
-* **CPU**: bytes = the tensors autograd saves for backward during the product
-  (:func:`~curvops.linops.memory_probe.saved_tensor_bytes`, parameters excluded): the
-  activations that dominate a product's memory, counted exactly where a sampled resident
-  set size would be noisy. Budget = ``memory_budget_bytes``, else ``safety ·``
-  ``MemAvailable`` from ``/proc/meminfo``; without either nothing is split.
+* **CPU**: the peak of torch's CPU allocations above entry, replayed from the profiler's
+  allocation events (:func:`~curvops.linops.memory_probe.cpu_allocation_peak`): outputs,
+  gradients and temporaries, not only what autograd saves. Where the profiler cannot run
+  (another one is active), the tensors autograd saves
+  (:func:`~curvops.linops.memory_probe.saved_tensor_bytes`), a lower bound. Budget =
+  ``memory_budget_bytes``, else ``safety ·`` ``MemAvailable`` from ``/proc/meminfo``;
+  without either nothing is split.
 """
 
 from __future__ import annotations
@@ -34,7 +40,12 @@ from torch import Tensor, nn
 
 from .checks import check_int, check_real
 from .data import DataSource
-from .memory_probe import available_memory_bytes, peak_memory, saved_tensor_bytes
+from .memory_probe import (
+    available_memory_bytes,
+    cpu_allocation_peak,
+    peak_memory,
+    saved_tensor_bytes,
+)
 from .objective import Objective, as_objective
 
 __all__ = ["MicroBatchPlan", "plan_micro_batches"]
@@ -51,7 +62,10 @@ class MicroBatchPlan:
         bytes_per_example: Measured slope :math:`b_1`.
         fixed_bytes: Measured intercept :math:`b_0`.
         budget_bytes: The budget the plan was made for (``None``: unknown, no split).
-        method: ``"cuda_peak"``, ``"saved_tensors"`` or ``"none"`` (nothing measured).
+        method: ``"cuda_peak"``, ``"cpu_allocator_peak"``, ``"saved_tensors"`` (the CPU
+            fallback) or ``"none"`` (nothing measured).
+        held_bytes_per_example: Measured slope :math:`h_1` of the cache state.
+        held_fixed_bytes: Measured intercept :math:`h_0` of the cache state.
     """
 
     micro_batch_size: int | None
@@ -61,6 +75,19 @@ class MicroBatchPlan:
     fixed_bytes: float
     budget_bytes: int | None
     method: str
+    held_bytes_per_example: float = 0.0
+    held_fixed_bytes: float = 0.0
+
+    def product_bytes(self, examples: int | None = None) -> float:
+        """A product's peak for a micro-batch of ``examples`` (default: the one used),
+        the building of its cache state included."""
+        m = self.batch_size_used if examples is None else examples
+        return self.fixed_bytes + self.bytes_per_example * m
+
+    def held_bytes(self, examples: int | None = None) -> float:
+        """The cache state of a micro-batch of ``examples`` (default: the one used)."""
+        m = self.batch_size_used if examples is None else examples
+        return self.held_fixed_bytes + self.held_bytes_per_example * m
 
     def as_dict(self) -> dict[str, Any]:
         """The plan as a plain dict (for result metadata)."""
@@ -97,7 +124,8 @@ def _probe_bytes(
     params: Any,
     operator_kwargs: dict[str, Any],
     device: torch.device,
-) -> int:
+) -> tuple[int, int, str]:
+    """One product's peak above entry, the cache state it leaves, and how it was measured."""
     op = operator_cls(
         model, objective, batch, params, check_deterministic=False, **operator_kwargs
     )
@@ -106,10 +134,16 @@ def _probe_bytes(
     if device.type == "cuda":
         with peak_memory(device) as peak:
             op.matvec(v)
-        return int(peak["peak_bytes"])
-    with saved_tensor_bytes(exclude=list(model.parameters())) as counted:
-        op.matvec(v)
-    return counted()
+        return int(peak["peak_bytes"]), op.cache_bytes, "cuda_peak"
+    try:
+        with cpu_allocation_peak() as peak:
+            op.matvec(v)
+        return int(peak["peak_bytes"]), op.cache_bytes, "cpu_allocator_peak"
+    except RuntimeError:  # the profiler cannot run here: count what autograd saves
+        op.clear_cache()
+        with saved_tensor_bytes(exclude=list(model.parameters())) as counted:
+            op.matvec(v)
+        return counted(), op.cache_bytes, "saved_tensors"
 
 
 def plan_micro_batches(
@@ -162,23 +196,31 @@ def plan_micro_batches(
     if budget is None:
         avail = available_memory_bytes(device)
         budget = int(safety * avail) if avail > 0 else None
-    method = "cuda_peak" if device.type == "cuda" else "saved_tensors"
     if budget is None or batch_size <= 1:
         return MicroBatchPlan(None, batch_size, batch_size, 0.0, 0.0, budget, "none")
 
-    def measure(m: int) -> int:
+    def measure(m: int) -> tuple[int, int, str]:
         part = objective.split(probe, m)[0]
         return _probe_bytes(operator_cls, model, objective, part, params, operator_kwargs, device)
 
-    b1 = measure(1)
-    if probe_n >= 2:
-        b2 = measure(2)
-        slope = float(b2 - b1) if b2 > b1 else b2 / 2.0
-    else:
-        slope = float(b1)
-    fixed = max(float(b1) - slope, 0.0)
+    def line(one: int, two: int | None) -> tuple[float, float]:
+        """(slope, intercept) through the measurements at one and two examples."""
+        if two is None:
+            return float(one), 0.0
+        slope = float(two - one) if two > one else two / 2.0
+        return slope, max(float(one) - slope, 0.0)
+
+    b1, h1, method = measure(1)
+    b2, h2, _ = measure(2) if probe_n >= 2 else (None, None, method)
+    slope, fixed = line(b1, b2)
+    held_slope, held_fixed = line(h1, h2)
+
+    def plan(micro: int | None, used: int) -> MicroBatchPlan:
+        return MicroBatchPlan(micro, batch_size, used, slope, fixed, budget, method,
+                              held_slope, held_fixed)
+
     if slope <= 0.0:  # nothing measurable grows with the batch: whole batches fit
-        return MicroBatchPlan(None, batch_size, batch_size, slope, fixed, budget, method)
+        return plan(None, batch_size)
     fits = int((budget - fixed) // slope)
     if fits < 1:
         raise MemoryError(
@@ -186,5 +228,5 @@ def plan_micro_batches(
             f"memory budget of {budget / 2**20:.1f} MiB"
         )
     if fits >= batch_size:
-        return MicroBatchPlan(None, batch_size, batch_size, slope, fixed, budget, method)
-    return MicroBatchPlan(fits, batch_size, fits, slope, fixed, budget, method)
+        return plan(None, batch_size)
+    return plan(fits, fits)

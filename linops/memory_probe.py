@@ -9,6 +9,11 @@ Four quantities, each measured one way:
   allocator's exact count). CPU: the resident set size (:func:`rss_bytes`) sampled by a
   thread (torch's CPU allocator keeps no peak), a lower bound, since a spike between two
   samples is missed.
+* **CPU allocations above entry** (:func:`cpu_allocation_peak`): the most bytes torch's
+  CPU allocator held above entry at any moment of a block, from the time-ordered
+  allocation events of torch's profiler (exact; every temporary, output and gradient
+  counted, where a sampled resident set size misses short spikes and freed blocks glibc
+  keeps blur it).
 * **Bytes saved for backward** (:func:`saved_tensor_bytes`): the distinct storages autograd
   saves while a block runs (``torch.autograd.graph.saved_tensors_hooks``): the activations
   that dominate a product's memory, counted exactly on any device.
@@ -34,6 +39,7 @@ from torch import Tensor
 
 __all__ = [
     "available_memory_bytes",
+    "cpu_allocation_peak",
     "graph_bytes",
     "measure_held",
     "peak_memory",
@@ -168,6 +174,43 @@ def peak_memory(
             out["max_allocated_bytes"] = top
         out["peak_bytes"] = max(top - tracker.base, 0)
         out["peak_mb"] = out["peak_bytes"] / 2**20
+
+
+@contextlib.contextmanager
+def cpu_allocation_peak() -> Iterator[dict[str, int]]:
+    """Measure the most bytes torch's CPU allocator held above entry inside the block.
+
+    Runs the block under ``torch.profiler.profile(profile_memory=True)`` and replays its
+    CPU allocation events in time order: the peak of their running sum. Allocations made
+    outside torch (numpy, Python objects) are not seen.
+
+    Yields:
+        A dict whose ``"peak_bytes"`` is filled when the block ends.
+
+    Raises:
+        RuntimeError: When the profiler cannot run (another profiler is active) or its
+            events cannot be read (a torch without ``kineto_results``); callers fall back
+            to another measurement.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    if torch._C._autograd._profiler_enabled():
+        # A second profiler would end the user's session when it stops.
+        raise RuntimeError("another profiler is active")
+    out = {"peak_bytes": 0}
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        yield out
+    try:
+        events = prof.profiler.kineto_results.events()
+        trace = sorted((e.start_ns(), e.nbytes()) for e in events
+                       if e.name() == "[memory]" and str(e.device_type()).endswith("CPU"))
+    except AttributeError as err:
+        raise RuntimeError(f"the profiler's allocation events cannot be read: {err}") from err
+    running = peak = 0
+    for _, nbytes in trace:
+        running += nbytes
+        peak = max(peak, running)
+    out["peak_bytes"] = int(peak)
 
 
 def _storage_key(t: Tensor) -> tuple[str, int]:

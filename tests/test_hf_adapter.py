@@ -344,7 +344,14 @@ def test_plan_micro_batches_from_budget():
     batch = lm_batch(n=6)
     big = plan_micro_batches(GGNOperator, model, obj, batch, memory_budget_bytes=2**34)
     assert big.micro_batch_size is None and big.batch_size_used == 6
-    assert big.bytes_per_example > 0 and big.method == "saved_tensors"
+    assert big.bytes_per_example > 0 and big.method == "cpu_allocator_peak"
+    # Every allocation counts: the per-parameter gradients and the flat output vector are
+    # alive together at the end of a product, whatever autograd saved.
+    n = sum(p.numel() for p in model.parameters())
+    itemsize = next(model.parameters()).element_size()
+    assert big.product_bytes(1) >= 2 * n * itemsize
+    # The cache state the probe's operator kept, fitted per example as well.
+    assert 0 < big.held_bytes(6) < big.product_bytes(6)
     budget = int(big.fixed_bytes + 2.5 * big.bytes_per_example)
     small = plan_micro_batches(GGNOperator, model, obj, batch, memory_budget_bytes=budget)
     assert small.micro_batch_size == 2
@@ -363,3 +370,18 @@ def test_numpy_reference_sanity():
     assert float(u @ ref.ggnvp(w)) == pytest.approx(float(w @ ref.ggnvp(u)), rel=1e-12)
     assert float(u @ ref.ggnvp(u)) > 0
     assert np.isfinite(float(ref.loss(ref.theta)))
+
+
+def test_plan_micro_batches_inside_a_users_profiler_counts_saved_tensors():
+    # A second profiler would end the user's session: the probe falls back to counting
+    # what autograd saves, and the user's profile keeps recording.
+    from torch.profiler import ProfilerActivity, profile
+
+    model = gpt2()
+    obj = hf_objective(model)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        plan = plan_micro_batches(GGNOperator, model, obj, lm_batch(n=4),
+                                  memory_budget_bytes=2**34)
+        torch.ones(3).sum()
+    assert plan.method == "saved_tensors" and plan.bytes_per_example > 0
+    assert any(e.key == "aten::sum" for e in prof.key_averages())

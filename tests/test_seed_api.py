@@ -524,3 +524,25 @@ def test_a_strategy_that_cannot_fit_is_refused_before_any_product():
         compute_fisher_eigenvalues_lanczos(model, data, k=3, max_iter=200,
                                            memory_budget_bytes=10_000, **CE)
     assert not calls  # refused from the estimate alone: no forward pass ran
+
+
+def test_a_thick_restart_keeps_the_cache_while_enough_vectors_fit_beside_it():
+    from curvops.adapters.seed_api import CACHE_FIRST_EXTRA, _restart_size
+    from curvops.linops.memory import MicroBatchPlan
+
+    # A product peaks at 1000 + 100 m bytes, its cache state is 50 m: at 4 examples
+    # P = 1400, H = 200, the rest of a cached product 1200; the whole cache is 200.
+    plan = MicroBatchPlan(None, 4, 4, 100.0, 1000.0, None, "cpu_allocator_peak", 50.0, 0.0)
+    k, vec = 5, 100
+
+    def size(budget):
+        return _restart_size(plan, budget, None, 200.0, 12, k, lambda c: c * vec)
+
+    assert size(12 * vec + 200 + 1200) == (12, True)
+    assert size(12 * vec + 200 + 1200 - 1) == (11, True)
+    floor = k + CACHE_FIRST_EXTRA
+    assert size(floor * vec + 1400) == (floor, True)
+    # Below the floor the basis takes the memory and products run fresh (peak P).
+    assert size(floor * vec + 1400 - 1) == (floor - 1, False)
+    assert size((k + 2) * vec + 1400) == (k + 2, False)
+    assert _restart_size(None, None, None, 0.0, 12, k, lambda c: c * vec) == (12, True)
