@@ -162,7 +162,7 @@ def verify_ritz_pairs_one_by_one(
                 acc[1] += vector_norm(predict(i, c0, c1).sub_(As)).square()
             acc[2] += vector_norm(As - float(theta[i]) * ys).square()
         sums.append(acc)
-        del Ay
+        del Ay, As  # the last slice is a view: it would keep Ay alive through the next product
     host = torch.stack(sums).sqrt().cpu().numpy()
     ynorm, noise_norm, rho_abs = host[:, 0], host[:, 1], host[:, 2]
     # The Gram matrix of the Ritz vectors, for the duplicate test (p^2 / 2 dot products).

@@ -54,9 +54,9 @@ def lanczos_memory_bytes(n: int, strategy: str, op_dtype: torch.dtype,
 
     * ``full`` with a thick restart (``ncv`` below the iterations): ``ncv`` basis rows,
       the start vector and one working vector (the residual :math:`w`); the verification
-      works one pair at a time on the basis's own rows: one product (the prediction is
-      made slice by slice), plus the k returned unit Ritz vectors when
-      ``return_eigenvectors``.
+      works one pair at a time on the basis's own rows (one product, the operator's own
+      memory, with the prediction made slice by slice), plus the k returned unit Ritz
+      vectors when ``return_eigenvectors``.
 
     Args:
         n: Operator size.
@@ -81,7 +81,7 @@ def lanczos_memory_bytes(n: int, strategy: str, op_dtype: torch.dtype,
         rows = min(ncv, BASIS_BLOCK_ROWS)
         parts["basis"] = math.ceil(ncv / rows) * rows * n * b_c
         parts["vectors"] = n * work  # w (the start vector is row 0 of the basis)
-        parts["verification"] = n * work + (k * n * work if return_eigenvectors else 0)
+        parts["verification"] = k * n * work if return_eigenvectors else 0
         parts["total"] = max(parts["start_vector"], sum(
             v for key, v in parts.items() if key != "start_vector"))
         return parts

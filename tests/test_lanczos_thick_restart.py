@@ -241,3 +241,23 @@ def test_one_by_one_verification_decides_as_the_batched_one() -> None:
     np.testing.assert_array_equal(streamed.converged, batched.converged)
     np.testing.assert_array_equal(batched.converged, [True, False, True, False])
     assert streamed.notes == batched.notes
+
+
+def test_one_by_one_verification_holds_one_product_at_a_time() -> None:
+    # Every allocation counted (torch's CPU allocation events): checking four pairs never
+    # holds more than the product being checked, so a basis as large as memory allows
+    # leaves room for the check. (A slice view of the previous product once kept it alive
+    # through the next one.)
+    from curvops.linops.memory_probe import cpu_allocation_peak
+    from curvops.solvers._ritz_verification import verify_ritz_pairs_one_by_one
+
+    n, p = 1 << 18, 4
+    gen = torch.Generator().manual_seed(0)
+    d = torch.rand(n, generator=gen)
+    Y = torch.randn(p, n, generator=gen)
+    Y /= Y.norm(dim=1, keepdim=True)
+    with cpu_allocation_peak() as peak:
+        verify_ritz_pairs_one_by_one(
+            list(Y), lambda y: d * y, lambda i, c0, c1: (d[c0:c1] * Y[i, c0:c1]),
+            np.ones(p), np.ones(p, dtype=bool), 1.0, 1e-4, 1e-7, slice_cols=1 << 14)
+    assert peak["peak_bytes"] < 1.5 * n * 4  # the product and a few slices
