@@ -11,7 +11,9 @@ shape (12 layers, width 768, vocabulary 50 257: 124 M parameters) in float32, on
   product cache, every value verified by its true residual;
 * **eigsh**: ``scipy.sparse.linalg.eigsh(k=5, which="LA", ncv=12, tol=1e-4)`` on the same
   curvops operator (``GGNOperator(...).to_scipy()``, cached products): ncv·n stays below
-  OpenBLAS's 2³¹-element limit.
+  OpenBLAS's 2³¹-element limit. It runs inside ``curvops.linops.reuse_freed_memory()``, the
+  allocator setting ``lanczos`` applies to its own CPU runs, so both sides' products cost
+  the same.
 
 Both ask for the same relative tolerance (``--tol``, default 1e-4: ARPACK's
 :math:`\|r\| \le \text{tol}\,|\theta|` and curvops' bound are the same test).
@@ -66,14 +68,21 @@ def _problem(shape: dict[str, int], batch: int, seq: int):
 
 
 def _side(side: str, shape_name: str, batch: int, seq: int, threads: int,
-          tol: float, memory_budget_bytes: int | None = None) -> dict[str, Any]:
+          tol: float, memory_budget_bytes: int | None = None,
+          process_limit_bytes: int | None = None) -> dict[str, Any]:
     """One side's run, in this process."""
     import numpy as np
     import torch
+    from curvops.linops.memory_probe import rss_bytes
 
     torch.set_num_threads(threads)
     model, data = _problem(SHAPES[shape_name], batch, seq)
     n = sum(p.numel() for p in model.parameters())
+    rss_at_call = rss_bytes()
+    if process_limit_bytes is not None:
+        # The budget is what the run may add: the limit less what the process holds now
+        # (the interpreter, torch, the model and its data).
+        memory_budget_bytes = process_limit_bytes - rss_at_call
     t0 = time.perf_counter()
     if side == "curvops":
         from curvops.adapters.seed_api import compute_fisher_eigenvalues_lanczos
@@ -92,7 +101,7 @@ def _side(side: str, shape_name: str, batch: int, seq: int, threads: int,
                "micro_batch_size": meta["micro_batch_size"], "note": out["note"]}
     else:
         import scipy.sparse.linalg as sla
-        from curvops.linops import GGNOperator
+        from curvops.linops import GGNOperator, reuse_freed_memory
         from curvops.linops.hf import hf_objective
 
         op = GGNOperator(model, hf_objective(model), [data])
@@ -105,29 +114,28 @@ def _side(side: str, shape_name: str, batch: int, seq: int, threads: int,
 
         counted = sla.LinearOperator(A.shape, matvec=matvec, dtype=A.dtype)
         v0 = np.random.default_rng(0).standard_normal(n).astype(A.dtype)
-        vals = sla.eigsh(counted, k=5, which="LA", ncv=12, tol=tol, v0=v0,
-                         return_eigenvectors=False)
+        with reuse_freed_memory():
+            vals = sla.eigsh(counted, k=5, which="LA", ncv=12, tol=tol, v0=v0,
+                             return_eigenvectors=False)
         row = {"top": sorted(map(float, vals), reverse=True), "matvecs": count[0]}
     row["seconds"] = time.perf_counter() - t0
     row["n"] = n
+    row["rss_at_call_bytes"] = rss_at_call
     row["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     row["threads"] = torch.get_num_threads()
     return row
 
 
-#: glibc settings that keep large freed blocks in the heap for reuse (no page faults on
-#: each product's fresh tensors); ``--malloc-reuse`` applies them to both sides.
-MALLOC_REUSE = {"MALLOC_MMAP_THRESHOLD_": str(4 << 30), "MALLOC_TRIM_THRESHOLD_": str(8 << 30)}
-
-
 def run(shape: str, batch: int, seq: int, threads: int, timeout: float, tol: float,
-        malloc_reuse: bool = False, memory_budget_bytes: int | None = None,
-        sides: tuple[str, ...] = ("curvops", "eigsh")) -> dict[str, Any]:
+        memory_budget_bytes: int | None = None,
+        sides: tuple[str, ...] = ("curvops", "eigsh"),
+        process_limit_bytes: int | None = None) -> dict[str, Any]:
     """Both sides, each in a fresh process; then their agreement."""
     out: dict[str, Any] = {"shape": {"name": shape, **SHAPES[shape]},
                            "batch": [batch, seq], "threads": threads, "tol": tol,
-                           "malloc_env": MALLOC_REUSE if malloc_reuse else None,
+                           "allocator": "reuse_freed_memory on both sides",
                            "memory_budget_bytes": memory_budget_bytes,
+                           "process_limit_bytes": process_limit_bytes,
                            "load_average_before": os.getloadavg()}
     for side in sides:
         cmd = [sys.executable, "-m", "curvops.validation.bench_lm_top5", "--side", side,
@@ -135,8 +143,10 @@ def run(shape: str, batch: int, seq: int, threads: int, timeout: float, tol: flo
                "--threads", str(threads), "--tol", repr(tol)]
         if memory_budget_bytes is not None:
             cmd += ["--memory-budget-bytes", str(memory_budget_bytes)]
+        if process_limit_bytes is not None:
+            cmd += ["--process-limit-bytes", str(process_limit_bytes)]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads),
-               "OPENBLAS_NUM_THREADS": str(threads), **(MALLOC_REUSE if malloc_reuse else {})}
+               "OPENBLAS_NUM_THREADS": str(threads)}
         t0 = time.perf_counter()
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
@@ -172,10 +182,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tol", type=float, default=1e-4)
-    p.add_argument("--malloc-reuse", action="store_true",
-                   help="both sides with glibc's large-block reuse (MALLOC_MMAP_THRESHOLD_)")
     p.add_argument("--memory-budget-bytes", type=int, default=None,
                    help="curvops' memory_budget_bytes (default: the seed API's share)")
+    p.add_argument("--process-limit-bytes", type=int, default=None,
+                   help="curvops' budget = this less the process's resident set at the call")
     p.add_argument("--sides", nargs="+", choices=("curvops", "eigsh"),
                    default=["curvops", "eigsh"])
     p.add_argument("--timeout", type=float, default=1500.0)
@@ -184,10 +194,10 @@ def main(argv: list[str] | None = None) -> None:
     shape = "small" if a.small else a.shape
     if a.side is not None:
         print(json.dumps(_side(a.side, shape, a.batch, a.seq, a.threads, a.tol,
-                               a.memory_budget_bytes)))
+                               a.memory_budget_bytes, a.process_limit_bytes)))
         return
-    result = run(shape, a.batch, a.seq, a.threads, a.timeout, a.tol, a.malloc_reuse,
-                 a.memory_budget_bytes, tuple(a.sides))
+    result = run(shape, a.batch, a.seq, a.threads, a.timeout, a.tol, a.memory_budget_bytes,
+                 tuple(a.sides), a.process_limit_bytes)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k not in ("curvops", "eigsh")}))
