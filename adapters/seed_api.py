@@ -494,20 +494,24 @@ def _spectrum(
     # Each rank plans for its own shard; a rank that fails here tells the others.
     with collective_step(group, torch.device("cpu"), "the checks and the memory plan"):
         n, objective = _prepare(inner, data, op_cls, op_kwargs, k, opts)
+        t_plan = time.perf_counter()
         cfg, mbs, plan, memory = _plan_memory(inner, data, op_cls, op_kwargs, objective, n,
                                               cfg, strategy_given, opts)
+        t_plan = time.perf_counter() - t_plan
     # The ranks may plan different micro-batches (their shards differ), never different
     # solvers: the strategy must be the same on every rank.
     with collective_step(group, torch.device("cpu"), "the memory plan",
                          [_STRATEGY_CODE[cfg.strategy], cfg.ncv or 0],
                          "the solver strategy (the ranks' memory budgets differ: pass reorth)"):
         pass
+    t_build = time.perf_counter()
     op = op_cls(
         model, objective, data, opts["params"],
         micro_batch_size=mbs, check_deterministic=opts["check_deterministic"],
         process_group=group, cache_budget_bytes=memory.get("cache_budget_bytes"),
         **op_kwargs,
     )
+    t_build = time.perf_counter() - t_build
     res = lanczos(op, k, config=cfg)
     memory.update({
         "solver_peak_bytes": int(res.peak_memory_bytes),
@@ -599,6 +603,11 @@ def _spectrum(
         "matvecs": int(res.matvecs),
         "time": time.perf_counter() - t0,
         "time_matvec": float(res.seconds_matvec),
+        # Where the rest went: the memory plan's probes, building the operator (its checks),
+        # and the solver's own work (basis passes, restarts, verification arithmetic).
+        "time_memory_plan": float(t_plan),
+        "time_operator_build": float(t_build),
+        "time_solver_other": float(res.seconds_other),
         "solver_peak_memory_bytes": int(res.peak_memory_bytes),
     }
     if op_cls is FisherOperator:

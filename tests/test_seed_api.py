@@ -546,3 +546,15 @@ def test_a_thick_restart_keeps_the_cache_while_enough_vectors_fit_beside_it():
     assert size(floor * vec + 1400 - 1) == (floor - 1, False)
     assert size((k + 2) * vec + 1400) == (k + 2, False)
     assert _restart_size(None, None, None, 0.0, 12, k, lambda c: c * vec) == (12, True)
+
+
+def test_the_time_of_a_call_is_split_into_its_parts():
+    model, data = _budget_problem()
+    out = compute_fisher_eigenvalues_lanczos(model, data, k=3, max_iter=60, tol=1e-8,
+                                             memory_budget_bytes=2**34, **CE)
+    meta = out["metadata"]
+    parts = [meta[key] for key in ("time_matvec", "time_memory_plan", "time_operator_build",
+                                   "time_solver_other")]
+    assert all(p > 0 for p in parts)
+    # The parts are disjoint stretches of the call (the rest: checks, metrics, the result).
+    assert sum(parts) <= meta["time"]

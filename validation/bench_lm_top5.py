@@ -97,6 +97,9 @@ def _side(side: str, shape_name: str, batch: int, seq: int, threads: int,
                "residual_norms": meta["residual_norms"], "tol_used": meta["tol_used"],
                "operator_accuracy": meta["operator_accuracy"],
                "seconds_matvec": meta["time_matvec"],
+               "seconds_memory_plan": meta["time_memory_plan"],
+               "seconds_operator_build": meta["time_operator_build"],
+               "seconds_solver_other": meta["time_solver_other"],
                "iterations": out["lanczos_iterations"], "memory": meta["memory"],
                "micro_batch_size": meta["micro_batch_size"], "note": out["note"]}
     else:
