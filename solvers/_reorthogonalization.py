@@ -175,6 +175,24 @@ class KrylovBasis:
         self._ensure(j)
         self.blocks[j // self.block_rows][j % self.block_rows].copy_(v)
 
+    def set_scaled(self, j: int, v: torch.Tensor, scale: float) -> None:
+        """Store ``scale * v`` as row j in one pass (cast to the basis dtype)."""
+        self._ensure(j)
+        row = self.blocks[j // self.block_rows][j % self.block_rows]
+        if row.dtype == v.dtype and row.device == v.device:
+            torch.mul(v, scale, out=row)
+        else:
+            row.copy_(v * scale)
+
+    def subtract_rows(self, w: torch.Tensor, idx: np.ndarray, c: torch.Tensor) -> None:
+        """``w -= c^T V_idx`` in place, for ascending rows ``idx``: one pass over ``w`` per
+        run of consecutive rows."""
+        start = 0
+        for V in self._runs(idx):
+            stop = start + V.shape[0]
+            w.addmv_(V.to(device=w.device, dtype=w.dtype).T, c[start:stop], alpha=-1.0)
+            start = stop
+
     def get(self, j: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return self.blocks[j // self.block_rows][j % self.block_rows].to(dtype=dtype,
                                                                           device=device)

@@ -103,13 +103,21 @@ class ThickRestart:
         if self._w is None:
             self._w = torch.empty(ctx.n, dtype=ctx.work, device=ctx.device)
             ctx.ledger.alloc(self._w)
-        w = self._w.copy_(u)  # the operator's output is never changed
         unorm_t = vector_norm(u)
-        del u
-        # The couplings the recurrence already knows: beta_j v_{j-1}, or b after a restart.
+        # The couplings the recurrence already knows: beta_j v_{j-1}, or b after a restart,
+        # subtracted while u is copied into w (the operator's output is never changed):
+        # one pass over w for the usual single coupling, one per run of rows after a
+        # restart, instead of one per coupling.
         known = np.flatnonzero(self.H[j, :j])
-        for i in known:
-            w.add_(self._row(int(i)), alpha=-float(self.H[j, i]))
+        if known.size == 1:
+            i = int(known[0])
+            w = torch.sub(u, self._row(i), alpha=float(self.H[j, i]), out=self._w)
+        else:
+            w = self._w.copy_(u)
+            if known.size:
+                self.basis.subtract_rows(w, known, torch.as_tensor(
+                    self.H[j, known], dtype=w.dtype, device=w.device))
+        del u
         a1 = dot(v, w)
         w.addcmul_(v, a1, value=-1.0)
         before = vector_norm(w)
@@ -212,7 +220,7 @@ class ThickRestart:
         if breakdown:
             self.basis.set(m, _fresh_vector(self.ctx, self.basis, m))
         else:
-            self.basis.set(m, self._w.div_(beta))
+            self.basis.set_scaled(m, self._w, 1.0 / beta)  # w itself is not read again
             self.H[m, m - 1] = beta
 
     # -- checkpoints ----------------------------------------------------------------------
