@@ -55,6 +55,7 @@ from ..linops.distributed import (
 )
 from ..linops.dtypes import dtype_name
 from ..linops.hf import hf_objective, is_hf_model
+from ..linops.host_allocator import reuse_freed_memory
 from ..linops.memory import MicroBatchPlan, plan_micro_batches
 from ..linops.memory_probe import available_memory_bytes
 from ..linops.objective import Objective, as_objective
@@ -492,11 +493,15 @@ def _spectrum(
     strategy_given = (opts["reorth"] is not None or opts["ncv"] is not None
                       or config is not None)
     # Each rank plans for its own shard; a rank that fails here tells the others.
+    on_cpu = next(iter(inner.parameters())).device.type == "cpu"
     with collective_step(group, torch.device("cpu"), "the checks and the memory plan"):
         n, objective = _prepare(inner, data, op_cls, op_kwargs, k, opts)
         t_plan = time.perf_counter()
-        cfg, mbs, plan, memory = _plan_memory(inner, data, op_cls, op_kwargs, objective, n,
-                                              cfg, strategy_given, opts)
+        # The probes' products reuse each other's freed memory, as the run's do (the
+        # measurements count torch's allocations, not pages: they do not change).
+        with reuse_freed_memory(on_cpu and cfg.reuse_freed_memory):
+            cfg, mbs, plan, memory = _plan_memory(inner, data, op_cls, op_kwargs, objective,
+                                                  n, cfg, strategy_given, opts)
         t_plan = time.perf_counter() - t_plan
     # The ranks may plan different micro-batches (their shards differ), never different
     # solvers: the strategy must be the same on every rank.
