@@ -414,12 +414,9 @@ class KrylovBasis:
         if rows.size == 0:
             return w, w.new_zeros(0), rows
         # Classical: every coefficient from the same w, then one update per run of rows.
-        runs = list(self._runs(rows))
-        wv = w.to(self.device)
-        coeffs = [V.to(wv.dtype) @ wv for V in runs]
-        for V, h in zip(runs, coeffs):
-            w.addmv_(V.to(device=w.device, dtype=w.dtype).T, h.to(w.device), alpha=-1.0)
-        return w, torch.cat(coeffs).to(w.device), rows
+        h = self.row_coeffs(rows, w)
+        self.subtract_rows(w, rows, h)
+        return w, h, rows
 
 
 def omega_update(
