@@ -28,6 +28,7 @@ for 3.07 GB of tensors at its peak). Elsewhere (macOS, Windows, musl) it does no
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
 import threading
 from collections.abc import Iterator
@@ -53,8 +54,10 @@ _lock = threading.Lock()
 _depth = 0
 
 
+@functools.cache
 def _glibc() -> Any | None:
-    """The process's glibc with ``mallopt`` and ``malloc_trim`` typed, or None."""
+    """The process's glibc with ``mallopt`` and ``malloc_trim`` typed, or None (looked up
+    once: every CPU Lanczos run enters :func:`reuse_freed_memory`)."""
     if not sys.platform.startswith("linux"):
         return None
     try:

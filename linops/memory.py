@@ -25,8 +25,7 @@ told from the state a cache keeps.
   allocation events (:func:`~curvops.linops.memory_probe.cpu_allocation_peak`): outputs,
   gradients and temporaries, not only what autograd saves, raised by
   :data:`CPU_HEAP_OVERHEAD` for what glibc's heap holds beyond the live tensors. Where the
-  profiler cannot run
-  (another one is active), the tensors autograd saves
+  profiler cannot run (another one is active), the tensors autograd saves
   (:func:`~curvops.linops.memory_probe.saved_tensor_bytes`), a lower bound. Budget =
   ``memory_budget_bytes``, else ``safety ·`` ``MemAvailable`` from ``/proc/meminfo``;
   without either nothing is split.
