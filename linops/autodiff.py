@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
+
+from .memory_probe import saved_storages, storage_key
 
 
 def batched_vjp(
@@ -35,15 +37,9 @@ def batched_vjp(
         One ``(m, *input.shape)`` tensor per input.
     """
     m = cotangents[0].shape[0]
-    pairs = [
-        (o, w)
-        for o, w in zip(outputs, cotangents, strict=True)
-        if o is not None and o.requires_grad
-    ]
-    if not pairs:
+    outs, ws = _differentiable(outputs, cotangents)
+    if not outs:
         return [torch.zeros(m, *x.shape, dtype=x.dtype, device=x.device) for x in inputs]
-    outs = [o for o, _ in pairs]
-    ws = [w if w.dtype == o.dtype else w.to(o.dtype) for o, w in pairs]
 
     def one(cots: Sequence[Tensor], batched: bool, retain: bool) -> list[Tensor]:
         grads = torch.autograd.grad(
@@ -73,6 +69,130 @@ def batched_vjp(
         # Some ops have no vmap rule for their backward: a loop gives the same numbers.
         cols = [one([w[i] for w in ws], False, retain_graph or i < m - 1) for i in range(m)]
         return [torch.stack(c) for c in zip(*cols, strict=True)]
+
+
+def release_output_values(outputs: Sequence[Tensor | None], keep: Iterable[Tensor]) -> int:
+    """Free the values of graph outputs that later passes only differentiate through.
+
+    A backward pass from ``outputs`` (``autograd.grad(outputs, inputs, cotangents)``) reads
+    their graph and their shapes, never their values: a prepared state that keeps a
+    ``create_graph`` gradient for later products (``n`` numbers for ``n`` parameters; zeros
+    for a :math:`J^\top u` at the dummy :math:`u = 0`) holds those values for nothing.
+    Each released tensor (and the base it is a view of) gets a one-element zero storage
+    expanded to its shape; its ``grad_fn``, shape, dtype and device stay. A tensor is left
+    as it is where any node of the graph saved its storage (a backward would read it),
+    where it shares storage with ``keep``, and where it is a leaf or not a plain dense
+    tensor.
+
+    Args:
+        outputs: Graph outputs (``None`` entries are passed over).
+        keep: Tensors whose storage must stay (the dummy cotangent, the predictions).
+
+    Returns:
+        The bytes of the storages released.
+    """
+    candidates = [t for t in outputs if _releasable(t)]
+    if not candidates:
+        return 0
+    held = saved_storages(candidates)
+    held.update((storage_key(t), 0) for t in keep)
+    released: dict[tuple[str, int], int] = {}
+    zeros: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+    for t in candidates:
+        key = storage_key(t)
+        if key in held:
+            continue
+        released.setdefault(key, int(t.untyped_storage().nbytes()))
+        zero = zeros.setdefault((t.dtype, t.device), torch.zeros((), dtype=t.dtype,
+                                                                  device=t.device))
+        base = t._base
+        # A view keeps its base (and so the storage) alive: release the base too.
+        for x in (t,) if base is None else (t, base):
+            x.data = zero.expand(x.shape)
+    return sum(released.values())
+
+
+def _releasable(t: Tensor | None) -> bool:
+    """A non-leaf plain dense tensor (with a base, if any, that is one too)."""
+    if not isinstance(t, Tensor) or type(t) is not Tensor or t.grad_fn is None:
+        return False
+    if t.layout != torch.strided or t.is_nested:
+        return False
+    base = t._base
+    return base is None or (type(base) is Tensor and base.grad_fn is not None
+                            and base.layout == torch.strided)
+
+
+def _differentiable(
+    outputs: Sequence[Tensor | None], cotangents: Sequence[Tensor]
+) -> tuple[list[Tensor], list[Tensor]]:
+    """The outputs that depend on the graph and their cotangents (in the outputs' dtypes)."""
+    pairs = [
+        (o, w)
+        for o, w in zip(outputs, cotangents, strict=True)
+        if o is not None and o.requires_grad
+    ]
+    return [o for o, _ in pairs], [w if w.dtype == o.dtype else w.to(o.dtype) for o, w in pairs]
+
+
+def flat_vjp(
+    outputs: Sequence[Tensor | None],
+    inputs: Sequence[Tensor],
+    cotangents: Sequence[Tensor],
+    dtype: torch.dtype,
+    *,
+    retain_graph: bool = False,
+) -> Tensor:
+    r"""One vector-Jacobian product, written into a flat vector as each gradient arrives.
+
+    :math:`\sum_j \partial\langle \text{outputs}_j, w_j\rangle / \partial\,\text{inputs}`,
+    the inputs' blocks flattened and concatenated in their order, in ``dtype``: the
+    concatenation of :func:`batched_vjp`'s results for one cotangent set, with the same
+    numbers. A tensor hook on each input copies its gradient into its slice of the flat
+    vector when the backward pass delivers it and hands the slice back to autograd in its
+    place (where the dtypes agree), so the per-input gradients are not all alive beside
+    their concatenation: the peak is the flat vector and the gradients in flight, not twice
+    the vector (a 124 M-parameter product: 0.47 GB less).
+
+    Args:
+        outputs: Tensors to differentiate (``None`` or graph-independent ones give zero).
+        inputs: Tensors that require grad, to differentiate with respect to.
+        cotangents: One tensor per output, of its shape.
+        dtype: The flat vector's dtype.
+        retain_graph: Keep the graph for later products.
+
+    Returns:
+        The flat ``(sum of the inputs' numels,)`` vector; inputs that get no gradient
+        have zeros.
+    """
+    device = inputs[0].device
+    out = torch.empty(sum(x.numel() for x in inputs), dtype=dtype, device=device)
+    views = [v.view(x.shape) for v, x in zip(out.split([x.numel() for x in inputs]), inputs,
+                                             strict=True)]
+    outs, ws = _differentiable(outputs, cotangents)
+    written = [False] * len(inputs)
+
+    def hook(i: int):
+        def write(grad: Tensor) -> Tensor | None:
+            views[i].copy_(grad)
+            written[i] = True
+            # The slice stands in for the gradient (which is then freed); with another
+            # dtype the gradient itself stays.
+            return views[i] if grad.dtype == dtype else None
+        return write
+
+    if outs:
+        handles = [x.register_hook(hook(i)) for i, x in enumerate(inputs)]
+        try:
+            torch.autograd.grad(outs, list(inputs), grad_outputs=ws, retain_graph=retain_graph,
+                                allow_unused=True)
+        finally:
+            for h in handles:
+                h.remove()
+    for view, done in zip(views, written, strict=True):
+        if not done:
+            view.zero_()
+    return out
 
 
 # --- layer norm with a lean double backward ---------------------------------------------------

@@ -50,7 +50,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
-from .autodiff import batched_vjp, lean_layer_norm
+from .autodiff import batched_vjp, flat_vjp, lean_layer_norm, release_output_values
 from .base import LinearOperatorBase
 from .cache import (
     ProductCache,
@@ -68,6 +68,7 @@ from .distributed import (
 )
 from .dtypes import working_dtype
 from .empirical_risk import EmpiricalRisk
+from .host_allocator import release_free_memory
 from .memory_probe import graph_bytes, measure_held
 from .objective import OwnParameters, Rows
 from .per_example import per_example_gradients
@@ -441,8 +442,32 @@ class CurvatureOperator(EmpiricalRisk, LinearOperatorBase):
                     del state
                 if building and fingerprint is not None:
                     cache.seal(fingerprint, cache.states[0].kind)
+                    if self.device.type == "cpu":
+                        # The heap may keep this product's temporaries for the next
+                        # (reuse_freed_memory); cached products need far less of it.
+                        release_free_memory()
         assert acc is not None  # the data is never empty (checked at construction)
         return acc
+
+    def _vjp_rows(
+        self, outputs: Sequence[Tensor | None], cotangents: Sequence[Tensor], *, keep: bool
+    ) -> Tensor:
+        r"""Rows :math:`\sum_j \partial\langle o_j, w_{ij}\rangle / \partial\theta`, ``(m, n)``,
+        for ``m`` cotangent sets (the leading dimension of each ``cotangents[j]``): one set
+        straight into a flat vector (:func:`~curvops.linops.autodiff.flat_vjp`), several by
+        one batched backward.
+
+        Args:
+            outputs: Graph outputs.
+            cotangents: One ``(m, *output.shape)`` tensor per output.
+            keep: Keep the graph for later products.
+        """
+        if cotangents[0].shape[0] == 1:
+            return flat_vjp(outputs, self.params, [w[0] for w in cotangents], self.space.dtype,
+                            retain_graph=keep).unsqueeze(0)
+        return self.space.flatten_batched(
+            batched_vjp(outputs, self.params, cotangents, retain_graph=keep)
+        )
 
     def _estimated_total(self, batch: Any, nbytes: int) -> float:
         """The whole data's cache size, extrapolated from one micro-batch's ``nbytes``."""
@@ -551,15 +576,15 @@ class HessianOperator(CurvatureOperator):
             grads = torch.autograd.grad(
                 loss * self.normalizer, self.params, create_graph=True, allow_unused=True
             )
+        # The products differentiate the gradient, never read it: its n values can go.
+        release_output_values(grads, keep=())
         return _GradientState(tuple(grads))
 
     def _apply(
         self, state: _PreparedState, Vt: Tensor, blocks: list[Tensor], *, keep: bool
     ) -> Tensor:
         assert isinstance(state, _GradientState)
-        return self.space.flatten_batched(
-            batched_vjp(state.gradients, self.params, blocks, retain_graph=keep)
-        )
+        return self._vjp_rows(state.gradients, blocks, keep=keep)
 
 
 class _JacobianSandwich(CurvatureOperator):
@@ -588,6 +613,8 @@ class _JacobianSandwich(CurvatureOperator):
             # Double-vjp: Jᵀu is linear in the dummy u, so d⟨Jᵀu, v⟩/du = J v.
             u = torch.zeros_like(F_, requires_grad=True)
             JTu = torch.autograd.grad(F_, self.params, u, create_graph=True, allow_unused=True)
+        # Jv differentiates Jᵀu in u and never reads its values (n zeros): they can go.
+        release_output_values(JTu, keep=(F_, u))
         return _SandwichState(F_, u, tuple(JTu), self._middle(rows, offset))
 
     def _apply(
@@ -596,9 +623,7 @@ class _JacobianSandwich(CurvatureOperator):
         assert isinstance(state, _SandwichState)
         (JV,) = batched_vjp(state.vjp, [state.dummy], blocks, retain_graph=keep)
         MJV = self._middle_matmul(state.middle, _private(JV, [Vt]), self.normalizer)
-        return self.space.flatten_batched(
-            batched_vjp([state.outputs], self.params, [MJV], retain_graph=keep)
-        )
+        return self._vjp_rows([state.outputs], [MJV], keep=keep)
 
     #: Whether Jv by forward mode works on this model: None until tried, False once it
     #: failed where double-vjp did not (then every product uses double-vjp).
@@ -662,7 +687,7 @@ class _JacobianSandwich(CurvatureOperator):
         # (detached: under enable_grad the tangent carries a history nothing uses)
         JV = _private(JV.detach(), [*tangents.values()])
         MJV = self._middle_matmul(self._middle(rows, offset), JV.unsqueeze(0), self.normalizer)
-        out = self.space.flatten_batched(batched_vjp([primal], self.params, [MJV]))
+        out = self._vjp_rows([primal], [MJV], keep=False)
         self._forward_mode = True
         return out
 
@@ -842,6 +867,7 @@ class EmpiricalFisherOperator(CurvatureOperator):
             ).index_add(0, rows.example_index, row_losses)
             u = torch.zeros_like(losses, requires_grad=True)
             JTu = torch.autograd.grad(losses, self.params, u, create_graph=True, allow_unused=True)
+        release_output_values(JTu, keep=(losses, u))
         return _SandwichState(losses, u, tuple(JTu), None)
 
     def _apply(
@@ -852,6 +878,4 @@ class EmpiricalFisherOperator(CurvatureOperator):
             return (Vt @ G.T) @ G * self.normalizer
         assert isinstance(state, _SandwichState)
         (JV,) = batched_vjp(state.vjp, [state.dummy], blocks, retain_graph=keep)
-        return self.space.flatten_batched(
-            batched_vjp([state.outputs], self.params, [JV * self.normalizer], retain_graph=keep)
-        )
+        return self._vjp_rows([state.outputs], [JV * self.normalizer], keep=keep)

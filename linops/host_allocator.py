@@ -35,7 +35,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["REUSE_THRESHOLD_BYTES", "SETTLED_MMAP_THRESHOLD_BYTES", "reuse_freed_memory"]
+__all__ = [
+    "REUSE_THRESHOLD_BYTES",
+    "SETTLED_MMAP_THRESHOLD_BYTES",
+    "release_free_memory",
+    "reuse_freed_memory",
+]
 
 #: ``mallopt`` parameters (``<malloc.h>``).
 _M_TRIM_THRESHOLD = -1
@@ -117,3 +122,23 @@ def reuse_freed_memory(enabled: bool = True) -> Iterator[bool]:
                 _depth -= 1
                 if _depth == 0:
                     _settle(libc)
+
+
+def release_free_memory() -> bool:
+    """Return the heap's free memory to the kernel now (``malloc_trim(0)``; glibc only).
+
+    Inside :func:`reuse_freed_memory` the heap keeps what a product frees for the next
+    one. A product larger than those that follow leaves more than they reuse, resident
+    for the rest of the run: the one that builds a product cache (its forward pass and
+    first-order graph; on a 124 M GPT-2, 3 GB of temporaries against 1 GB for a cached
+    product) calls this when it ends.
+
+    Returns:
+        Whether the heap was trimmed (False off glibc).
+    """
+    libc = _glibc()
+    if libc is None:
+        return False
+    with _lock:
+        libc.malloc_trim(0)
+    return True

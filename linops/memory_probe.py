@@ -213,7 +213,7 @@ def cpu_allocation_peak() -> Iterator[dict[str, int]]:
     out["peak_bytes"] = int(peak)
 
 
-def _storage_key(t: Tensor) -> tuple[str, int]:
+def storage_key(t: Tensor) -> tuple[str, int]:
     """What identifies a tensor's storage: views of one storage share it."""
     return (str(t.device), t.untyped_storage().data_ptr())
 
@@ -221,13 +221,13 @@ def _storage_key(t: Tensor) -> tuple[str, int]:
 def _count(storages: dict[tuple[str, int], int], t: Any) -> None:
     """Record the storage of ``t`` (a tensor with values; anything else is passed over)."""
     if isinstance(t, Tensor) and t.device.type != "meta":
-        storages[_storage_key(t)] = int(t.untyped_storage().nbytes())
+        storages[storage_key(t)] = int(t.untyped_storage().nbytes())
 
 
 def _excluded_total(storages: dict[tuple[str, int], int], exclude: Iterable[Tensor]) -> int:
     """The bytes of ``storages`` without those of the ``exclude`` tensors."""
     for t in exclude:
-        storages.pop(_storage_key(t), None)
+        storages.pop(storage_key(t), None)
     return sum(storages.values())
 
 
@@ -251,7 +251,7 @@ def saved_tensor_bytes(exclude: Sequence[Tensor] = ()) -> Iterator[Callable[[], 
         yield lambda: _excluded_total(dict(storages), exclude)
 
 
-def _graph_storages(roots: Iterable[Tensor | None]) -> dict[tuple[str, int], int]:
+def saved_storages(roots: Iterable[Tensor | None]) -> dict[tuple[str, int], int]:
     """Distinct storages saved for backward in the autograd graph behind ``roots``.
 
     Walks every node reachable from the roots' ``grad_fn`` and reads its ``_saved_*``
@@ -286,7 +286,7 @@ def graph_bytes(tensors: Sequence[Tensor | None], exclude: Iterable[Tensor]) -> 
         exclude: Tensors that exist anyway (parameters, buffers): their storages are
             not counted.
     """
-    storages = _graph_storages(tensors)
+    storages = saved_storages(tensors)
     for t in tensors:
         _count(storages, t)
     return _excluded_total(storages, exclude)

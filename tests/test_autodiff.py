@@ -1,9 +1,13 @@
-"""``batched_vjp``: m cotangents in one backward, equal to m single backward passes."""
+"""``batched_vjp``: m cotangents in one backward, equal to m single backward passes;
+``flat_vjp``: one cotangent written into a flat vector, equal to their concatenation;
+``release_output_values``: graph outputs whose values are freed give the same products."""
 
 from __future__ import annotations
 
 import torch
-from curvops.linops.autodiff import batched_vjp
+from curvops.linops.autodiff import batched_vjp, flat_vjp, release_output_values
+from curvops.linops.memory_probe import cpu_allocation_peak
+from torch import nn
 
 DT = torch.float64
 
@@ -62,3 +66,108 @@ def test_fallback_loop_when_a_backward_has_no_batching_rule_and_the_graph_is_not
     # The batched attempt fails midway; the loop that replaces it must still find every
     # saved tensor, although the caller does not keep the graph (a fresh matmat).
     _against_loop(1, 4, custom=True, retain_graph=False)
+
+
+# --- release_output_values ---------------------------------------------------------------------
+def _first_order(create_dummy: bool):
+    """An MLP's create_graph gradient (the Hessian's) or its Jᵀu at a dummy u = 0 (the GGN's)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 7), nn.Tanh(), nn.Linear(7, 3)).to(DT)
+    params = list(model.parameters())
+    X = torch.randn(6, 4, dtype=DT)
+    F = model(X)
+    if create_dummy:
+        u = torch.zeros_like(F, requires_grad=True)
+        return torch.autograd.grad(F, params, u, create_graph=True), [u], [F, u]
+    loss = F.logsumexp(-1).sum()
+    return torch.autograd.grad(loss, params, create_graph=True), params, []
+
+
+def test_released_outputs_give_the_same_products_and_free_their_storage():
+    """The linear layers' weight gradients are views (of a transposed mm): their bases go
+    too; every value is freed and the batched and single backward passes are unchanged."""
+    for dummy in (True, False):
+        outs, inputs, keep = _first_order(dummy)
+        gen = torch.Generator().manual_seed(1)
+        cot = [torch.randn(3, *o.shape, dtype=DT, generator=gen) for o in outs]
+        before = batched_vjp(outs, inputs, cot, retain_graph=True)
+        storages = {o.untyped_storage().data_ptr(): o.untyped_storage().nbytes() for o in outs}
+        assert any(o._base is not None for o in outs)  # the view case is exercised
+        released = release_output_values(outs, keep=keep)
+        assert released == sum(storages.values()) >= sum(o.numel() for o in outs) * 8
+        for o in outs:
+            assert o.untyped_storage().nbytes() == 8 and o.grad_fn is not None
+            assert o._base is None or o._base.untyped_storage().nbytes() == 8
+        after = batched_vjp(outs, inputs, cot, retain_graph=True)
+        for a, b in zip(after, before, strict=True):
+            assert torch.equal(a, b)
+        single = batched_vjp(outs, inputs, [c[:1] for c in cot], retain_graph=True)
+        for a, b in zip(single, before, strict=True):
+            torch.testing.assert_close(a, b[:1], rtol=1e-14, atol=1e-15)
+        for k in keep:  # the dummy and the predictions keep their values
+            assert k.untyped_storage().nbytes() == k.numel() * 8
+
+
+def test_outputs_a_backward_reads_are_kept():
+    """exp saves its result for its backward: releasing it would change the derivative."""
+    w = torch.randn(5, dtype=DT, requires_grad=True)
+    y = torch.exp(w * 2.0)
+    z = w * 3.0  # its value is read by nothing
+    kept = y.detach().clone()
+    assert release_output_values([y, z, None], keep=()) == z.numel() * 8
+    assert torch.equal(y, kept)
+    (g,) = torch.autograd.grad(y, w, torch.ones_like(kept))
+    torch.testing.assert_close(g, 2.0 * kept, rtol=1e-15, atol=0)
+    kept_z = w * 4.0
+    assert release_output_values([kept_z], keep=[kept_z]) == 0
+    assert release_output_values([w], keep=()) == 0  # a leaf stays
+    assert w.untyped_storage().nbytes() == 5 * 8
+
+
+# --- flat_vjp -----------------------------------------------------------------------------------
+def test_flat_vjp_equals_the_concatenated_gradients():
+    """Same numbers as batched_vjp's blocks concatenated, zeros for an unused input, the
+    float32 input's block cast like ``torch.cat`` after ``.to`` would, the graph kept or not."""
+    for custom in (False, True):
+        out, inputs, gen = _graph(3, custom)
+        cot = torch.randn(*out.shape, dtype=DT, generator=gen)
+        expected = torch.cat([g[0].reshape(-1) for g in
+                              batched_vjp([out], inputs, [cot[None]], retain_graph=True)])
+        got = flat_vjp([out], inputs, [cot], DT, retain_graph=True)
+        assert torch.equal(got, expected)
+        assert torch.equal(got[-2:], torch.zeros(2, dtype=DT))  # the unused input
+        again = flat_vjp([out, None], inputs, [cot, cot], DT)  # None: no contribution
+        assert torch.equal(again, expected)
+    # another dtype for one input: its block is cast into the flat vector
+    gen = torch.Generator().manual_seed(4)
+    a = torch.randn(3, dtype=torch.float32, generator=gen, requires_grad=True)
+    b = torch.randn(3, dtype=DT, generator=gen, requires_grad=True)
+    y = a.double().exp() * b
+    c = torch.randn(3, dtype=DT, generator=gen)
+    ga, gb = torch.autograd.grad(y, [a, b], c, retain_graph=True)
+    got = flat_vjp([y], [a, b], [c], DT)
+    assert torch.equal(got, torch.cat([ga.to(DT), gb]))
+    # no output depends on the inputs: zeros
+    assert torch.equal(flat_vjp([None], [a, b], [c], DT), torch.zeros(6, dtype=DT))
+    assert not a._backward_hooks  # the hooks are gone
+
+
+def test_flat_vjp_does_not_hold_the_gradients_beside_the_flat_vector():
+    """Two wide layers: the per-input gradients plus their concatenation would be twice
+    the parameters; written as they arrive, the peak is the flat vector and one gradient."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(600, 600), nn.Tanh(), nn.Linear(600, 600))
+    params = list(model.parameters())
+    X = torch.randn(4, 600)
+    out = model(X)
+    cot = torch.randn_like(out)
+    size = sum(p.numel() for p in params) * 4
+    with cpu_allocation_peak() as flat_peak:
+        flat = flat_vjp([out], params, [cot], torch.float32, retain_graph=True)
+    with cpu_allocation_peak() as cat_peak:
+        grads = torch.autograd.grad(out, params, cot)
+        cat = torch.cat([g.reshape(-1) for g in grads])
+        del grads
+    assert torch.equal(flat, cat)
+    assert cat_peak["peak_bytes"] >= 1.9 * size  # the reference holds both
+    assert flat_peak["peak_bytes"] < 1.6 * size

@@ -299,6 +299,26 @@ def test_cache_bytes_count_the_saved_activations():
     assert op.cache_bytes < 50 * hidden
 
 
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_cache_does_not_hold_the_first_order_values(kind):
+    """A wide MLP on few examples: the first-order gradient / Jᵀu (n values) would be most
+    of the state; the products only differentiate it, so the cache holds far less."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 300), nn.Tanh(), nn.Linear(300, 300), nn.Tanh(),
+                          nn.Linear(300, 2)).to(DT)
+    X = torch.randn(4, 20, dtype=DT)
+    y = torch.randint(0, 2, (4,))
+    cls = HessianOperator if kind == "hessian" else GGNOperator
+    op = cls(model, nn.CrossEntropyLoss(), (X, y))
+    fresh = cls(model, nn.CrossEntropyLoss(), (X, y), cache="none")
+    v = torch.randn(op.shape[0], dtype=DT, generator=torch.Generator().manual_seed(0))
+    first = op @ v
+    assert op.cache_active
+    assert op.cache_bytes < 0.1 * op.shape[0] * 8
+    torch.testing.assert_close(op @ v, first, **TOL)
+    torch.testing.assert_close(first, fresh @ v, **TOL)
+
+
 def test_empirical_fisher_keeps_gradients_or_graph():
     """G is kept when it fits the budget and is no larger than the graph it replaces."""
     torch.manual_seed(0)
