@@ -305,10 +305,14 @@ def _plan_memory(
     device's free memory) is what the run may add to the memory in use when it starts
     (the model, its data). It covers the solver's own tensors :math:`S` (estimated by
     :func:`~curvops.solvers.memory_estimate.lanczos_memory_bytes` for ``max_iter``
-    iterations), one product and the product cache, both measured by the micro-batch
-    plan's probe: a product's peak :math:`P` (the building of its micro-batch's cache state
-    :math:`H` included) and the state itself, so that the whole cache :math:`C` (every
-    micro-batch's state) fits when :math:`S + C + (P - H) \le B`. The strategy the call
+    iterations), one product and the product cache, all measured by the micro-batch
+    plan's probe: the first product's peak :math:`P` (the building of its micro-batch's
+    cache state :math:`H` included), the state itself and a cached product's peak
+    :math:`P_c`. The whole cache :math:`C` (every micro-batch's state) fits when both
+    :math:`S_1 + C + (P - H) \le B` (the first product, which builds it, beside what the
+    solver holds then: all of :math:`S` on CUDA; on CPU the start vector and the first
+    basis row, the other rows taking memory as they are written) and
+    :math:`S + C + P_c \le B` (every later product). The strategy the call
     names is kept; otherwise, in order, the first that leaves :math:`B - S` room for a
     product of at least one example: full reorthogonalization; full with a thick restart
     (a float32/float64 basis only), its basis bounded by the largest ``ncv`` from
@@ -334,10 +338,14 @@ def _plan_memory(
     mbs = opts["micro_batch_size"]
     op_dtype = model_dtype(model)
 
-    def estimate(strategy: str, ncv: int | None) -> int:
+    def estimate(strategy: str, ncv: int | None, part: str = "total") -> int:
         return lanczos_memory_bytes(n, strategy, op_dtype, cfg.dtype_compute, cfg.max_iters,
                                     cfg.k, ncv=ncv,
-                                    return_eigenvectors=cfg.return_eigenvectors)["total"]
+                                    return_eigenvectors=cfg.return_eigenvectors)[part]
+
+    # What a thick restart holds at its first product: on CPU the basis's rows take memory
+    # only as they are written; CUDA allocates the whole basis at once.
+    at_first = "total" if device.type == "cuda" else "at_first_product"
 
     # (label, strategy, ncv) in order of preference; a thick restart's ncv is sized after
     # its product (None until then): micro-batches would slow every product, a smaller
@@ -379,7 +387,8 @@ def _plan_memory(
             cache_total = _cache_total(plan, objective, data)
         if ncv == "restart":
             ncv, cached = _restart_size(plan, budget, rest, cache_total, preferred, cfg.k,
-                                        lambda c: estimate("full", c))
+                                        lambda c: estimate("full", c),
+                                        lambda c: estimate("full", c, at_first))
             if ncv != preferred or not cached:
                 why.append(f"reorth={label!r} needs {estimates[label] / 2**30:.2f} GiB with "
                            "its product" + (" and cache" if cached else "") + ", over the "
@@ -406,6 +415,7 @@ def _plan_memory(
         record["rejected"] = why
     if plan is not None:
         record["product_peak_bytes"] = int(plan.product_bytes())
+        record["cached_product_peak_bytes"] = int(plan.cached_product_bytes())
         record["cache_estimate_bytes"] = int(cache_total)
     if budget is not None:
         rest = budget - estimates[label]
@@ -426,31 +436,38 @@ def _cache_total(plan: MicroBatchPlan, objective: Objective, data: Any) -> float
 
 
 def _cached_product_bytes(plan: MicroBatchPlan | None, rest: float) -> float:
-    """A product's memory besides the cache: the measured peak less the micro-batch's
-    state (which the cache holds); half of what is left when nothing was measured."""
+    """A cached product's memory beside the cache (measured by the plan's probe); half of
+    what is left when nothing was measured."""
     if plan is None:
         return rest / 2
-    return max(plan.product_bytes() - plan.held_bytes(), 0.0)
+    return plan.cached_product_bytes()
 
 
 def _restart_size(
     plan: MicroBatchPlan | None, budget: int | None, rest: float | None, cache_total: float,
     preferred: int, k: int, solver_bytes: Callable[[int], int],
+    solver_bytes_at_first: Callable[[int], int],
 ) -> tuple[int, bool]:
     """The thick restart's ``ncv`` and whether the product cache fits beside it.
 
-    The cache comes first while at least ``k + CACHE_FIRST_EXTRA`` vectors fit beside it
-    (a cached product costs about two thirds of a fresh one on the GPT-2 GGNs measured,
-    where each vector below that adds a tenth or more products); else the largest basis
-    that fits with fresh products. A basis never goes below ``k + 2``.
+    With the cache, two moments must fit: the first product, which builds the cache
+    (every micro-batch's state, and the peak of the last one's building beyond its state)
+    beside what the solver holds then (``solver_bytes_at_first``), and every later product
+    (the cache and a cached product's peak) beside the whole basis (``solver_bytes``). The
+    cache comes first while at least ``k + CACHE_FIRST_EXTRA`` vectors fit beside it (a
+    cached product costs about two thirds of a fresh one on the GPT-2 GGNs measured, where
+    each vector below that adds a tenth or more products); else the largest basis that
+    fits with fresh products. A basis never goes below ``k + 2``.
     """
     if budget is None:
         return preferred, True
     sizes = range(preferred, k + 1, -1)
     if plan is not None:
-        cached = _cached_product_bytes(plan, 0.0) + cache_total
+        steady = _cached_product_bytes(plan, 0.0) + cache_total
+        building = max(plan.product_bytes() - plan.held_bytes(), 0.0) + cache_total
         for c in sizes:
-            if c >= k + CACHE_FIRST_EXTRA and solver_bytes(c) + cached <= budget:
+            if (c >= k + CACHE_FIRST_EXTRA and solver_bytes(c) + steady <= budget
+                    and solver_bytes_at_first(c) + building <= budget):
                 return c, True
         fresh = plan.product_bytes()
     else:

@@ -69,7 +69,7 @@ from .distributed import (
 from .dtypes import working_dtype
 from .empirical_risk import EmpiricalRisk
 from .host_allocator import release_free_memory
-from .memory_probe import graph_bytes, measure_held
+from .memory_probe import APPLY_RANGE, graph_bytes, measure_held
 from .objective import OwnParameters, Rows
 from .per_example import per_example_gradients
 
@@ -438,8 +438,12 @@ class CurvatureOperator(EmpiricalRisk, LinearOperatorBase):
                             accumulate(fresh)
                             continue
                         state = self._prepare(batch, offset, for_cache=False)
-                    accumulate(self._apply(state, Vt, blocks, keep=building))
-                    del state
+                    # (a named range: the memory plan's probe measures a cached product's
+                    # peak as this step's)
+                    with torch.profiler.record_function(APPLY_RANGE):
+                        contrib = self._apply(state, Vt, blocks, keep=building)
+                    accumulate(contrib)
+                    del state, contrib
                 if building and fingerprint is not None:
                     cache.seal(fingerprint, cache.states[0].kind)
                     if self.device.type == "cpu":

@@ -12,23 +12,26 @@ product on the first one and two examples of the widest batch and fits
 (fixed cost :math:`b_0`, cost per example :math:`b_1`), then picks the largest
 :math:`m` with :math:`\mathrm{bytes}(m) \le` budget.
 
-The measurements are :mod:`curvops.linops.memory_probe`'s, the same quantity on every
-device: the product's peak above the memory allocated before it, the building of its
-cache state included, and the state the operator's cache then holds (``held``, fitted
-the same way: :math:`h_0 + m\, h_1`), so that the rest of a product, :math:`b - h`, can be
-told from the state a cache keeps.
+Each probe measures three quantities, each fitted the same way (:math:`h_0 + m\, h_1`,
+:math:`c_0 + m\, c_1`): the first product's peak above the memory in use before it (the
+building of its cache state included), the state the operator's cache then holds
+(``held``), and the peak of a cached product beside that state (``cached``: far less than
+the first on a language model, whose first product also runs the forward pass and builds
+the first-order graph).
 
 * **CUDA**: ``torch.cuda.max_memory_allocated`` above entry
-  (:func:`~curvops.linops.memory_probe.peak_memory`); budget = ``safety ·`` free memory
-  unless given.
+  (:func:`~curvops.linops.memory_probe.peak_memory`) of the first product and of a second,
+  cached one; budget = ``safety ·`` free memory unless given.
 * **CPU**: the peak of torch's CPU allocations above entry, replayed from the profiler's
   allocation events (:func:`~curvops.linops.memory_probe.cpu_allocation_peak`): outputs,
-  gradients and temporaries, not only what autograd saves, raised by
-  :data:`CPU_HEAP_OVERHEAD` for what glibc's heap holds beyond the live tensors. Where the
-  profiler cannot run (another one is active), the tensors autograd saves
-  (:func:`~curvops.linops.memory_probe.saved_tensor_bytes`), a lower bound. Budget =
-  ``memory_budget_bytes``, else ``safety ·`` ``MemAvailable`` from ``/proc/meminfo``;
-  without either nothing is split.
+  gradients and temporaries, not only what autograd saves; the cached product's peak is
+  that of the first product's vector-dependent step (the profiler range
+  :data:`~curvops.linops.memory_probe.APPLY_RANGE`, the step a cached product repeats)
+  above where it began. Both are raised by :data:`CPU_HEAP_OVERHEAD` for what glibc's heap
+  holds beyond the live tensors. Where the profiler cannot run (another one is active),
+  the tensors autograd saves (:func:`~curvops.linops.memory_probe.saved_tensor_bytes`), a
+  lower bound. Budget = ``memory_budget_bytes``, else ``safety ·`` ``MemAvailable`` from
+  ``/proc/meminfo``; without either nothing is split.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from torch import Tensor, nn
 from .checks import check_int, check_real
 from .data import DataSource
 from .memory_probe import (
+    APPLY_RANGE,
     available_memory_bytes,
     cpu_allocation_peak,
     peak_memory,
@@ -73,6 +77,8 @@ class MicroBatchPlan:
             fallback) or ``"none"`` (nothing measured).
         held_bytes_per_example: Measured slope :math:`h_1` of the cache state.
         held_fixed_bytes: Measured intercept :math:`h_0` of the cache state.
+        cached_bytes_per_example: Measured slope :math:`c_1` of a cached product's peak.
+        cached_fixed_bytes: Measured intercept :math:`c_0` of a cached product's peak.
     """
 
     micro_batch_size: int | None
@@ -84,6 +90,8 @@ class MicroBatchPlan:
     method: str
     held_bytes_per_example: float = 0.0
     held_fixed_bytes: float = 0.0
+    cached_bytes_per_example: float = 0.0
+    cached_fixed_bytes: float = 0.0
 
     def product_bytes(self, examples: int | None = None) -> float:
         """A product's peak for a micro-batch of ``examples`` (default: the one used),
@@ -95,6 +103,12 @@ class MicroBatchPlan:
         """The cache state of a micro-batch of ``examples`` (default: the one used)."""
         m = self.batch_size_used if examples is None else examples
         return self.held_fixed_bytes + self.held_bytes_per_example * m
+
+    def cached_product_bytes(self, examples: int | None = None) -> float:
+        """A cached product's peak beside the cache (that of its vector-dependent step),
+        for a micro-batch of ``examples`` (default: the one used)."""
+        m = self.batch_size_used if examples is None else examples
+        return self.cached_fixed_bytes + self.cached_bytes_per_example * m
 
     def as_dict(self) -> dict[str, Any]:
         """The plan as a plain dict (for result metadata)."""
@@ -123,7 +137,17 @@ def _example_width(batch: Any) -> float:
     return sum(t.numel() for t in lead) / n
 
 
-def _probe_bytes(
+@dataclass(frozen=True)
+class _Probe:
+    """One probe's measurements (bytes): see the module docstring."""
+
+    peak: int
+    held: int
+    cached: int
+    method: str
+
+
+def _probe(
     operator_cls: type,
     model: nn.Module,
     objective: Objective,
@@ -131,27 +155,36 @@ def _probe_bytes(
     params: Any,
     operator_kwargs: dict[str, Any],
     device: torch.device,
-) -> tuple[int, int, str]:
-    """One product's peak above entry, the cache state it leaves, and how it was measured."""
+) -> _Probe:
+    """An operator's first product on ``batch``: its peak, the cache state it leaves and the
+    peak of a cached product beside that state."""
     op = operator_cls(
         model, objective, batch, params, check_deterministic=False, **operator_kwargs
     )
     gen = torch.Generator().manual_seed(0)
     v = torch.randn(op.shape[0], generator=gen, dtype=torch.float64).to(op.dtype).to(op.device)
     if device.type == "cuda":
-        with peak_memory(device) as peak:
-            op.matvec(v)
-        return int(peak["peak_bytes"]), op.cache_bytes, "cuda_peak"
+        peaks = []
+        for _ in range(2):  # the first builds the cache, the second is served from it
+            with peak_memory(device) as peak:
+                op.matvec(v)
+            peaks.append(int(peak["peak_bytes"]))
+        return _Probe(peaks[0], op.cache_bytes, peaks[1], "cuda_peak")
     try:
-        with cpu_allocation_peak() as peak:
+        with cpu_allocation_peak(window=APPLY_RANGE) as peak:
             op.matvec(v)
-        resident = (1.0 + CPU_HEAP_OVERHEAD) * peak["peak_bytes"]
-        return int(resident), op.cache_bytes, "cpu_allocator_peak"
+        # The first product's vector-dependent step is what a cached product repeats.
+        first, cached = ((1.0 + CPU_HEAP_OVERHEAD) * peak[key]
+                         for key in ("peak_bytes", "window_peak_bytes"))
+        return _Probe(int(first), op.cache_bytes, int(cached), "cpu_allocator_peak")
     except RuntimeError:  # the profiler cannot run here: count what autograd saves
         op.clear_cache()
         with saved_tensor_bytes(exclude=list(model.parameters())) as counted:
             op.matvec(v)
-        return counted(), op.cache_bytes, "saved_tensors"
+        saved, held = counted(), op.cache_bytes
+        # A cached product saves nothing new: its peak is taken as the first's beyond the
+        # state (no better count without the profiler).
+        return _Probe(saved, held, max(saved - held, 0), "saved_tensors")
 
 
 def plan_micro_batches(
@@ -207,9 +240,9 @@ def plan_micro_batches(
     if budget is None or batch_size <= 1:
         return MicroBatchPlan(None, batch_size, batch_size, 0.0, 0.0, budget, "none")
 
-    def measure(m: int) -> tuple[int, int, str]:
+    def measure(m: int) -> _Probe:
         part = objective.split(probe, m)[0]
-        return _probe_bytes(operator_cls, model, objective, part, params, operator_kwargs, device)
+        return _probe(operator_cls, model, objective, part, params, operator_kwargs, device)
 
     def line(one: int, two: int | None) -> tuple[float, float]:
         """(slope, intercept) through the measurements at one and two examples."""
@@ -218,14 +251,15 @@ def plan_micro_batches(
         slope = float(two - one) if two > one else two / 2.0
         return slope, max(float(one) - slope, 0.0)
 
-    b1, h1, method = measure(1)
-    b2, h2, _ = measure(2) if probe_n >= 2 else (None, None, method)
-    slope, fixed = line(b1, b2)
-    held_slope, held_fixed = line(h1, h2)
+    one = measure(1)
+    two = measure(2) if probe_n >= 2 else None
+    slope, fixed = line(one.peak, None if two is None else two.peak)
+    held_slope, held_fixed = line(one.held, None if two is None else two.held)
+    cached_slope, cached_fixed = line(one.cached, None if two is None else two.cached)
 
     def plan(micro: int | None, used: int) -> MicroBatchPlan:
-        return MicroBatchPlan(micro, batch_size, used, slope, fixed, budget, method,
-                              held_slope, held_fixed)
+        return MicroBatchPlan(micro, batch_size, used, slope, fixed, budget, one.method,
+                              held_slope, held_fixed, cached_slope, cached_fixed)
 
     if slope <= 0.0:  # nothing measurable grows with the batch: whole batches fit
         return plan(None, batch_size)

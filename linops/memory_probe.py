@@ -28,7 +28,9 @@ Storages are counted once however many tensors view them; the tensors that exist
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import itertools
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -176,16 +178,27 @@ def peak_memory(
         out["peak_mb"] = out["peak_bytes"] / 2**20
 
 
+#: The profiler range a curvature product's vector-dependent step runs in (the step a
+#: cached product repeats): :func:`cpu_allocation_peak` measures the peak inside it.
+APPLY_RANGE = "curvops.apply"
+
+
 @contextlib.contextmanager
-def cpu_allocation_peak() -> Iterator[dict[str, int]]:
+def cpu_allocation_peak(window: str | None = None) -> Iterator[dict[str, int]]:
     """Measure the most bytes torch's CPU allocator held above entry inside the block.
 
     Runs the block under ``torch.profiler.profile(profile_memory=True)`` and replays its
     CPU allocation events in time order: the peak of their running sum. Allocations made
     outside torch (numpy, Python objects) are not seen.
 
+    Args:
+        window: The name of ``torch.profiler.record_function`` ranges inside the block:
+            ``"window_peak_bytes"`` is then the largest growth of the running sum within
+            one of them, above its value where the range began (0 without such a range).
+
     Yields:
-        A dict whose ``"peak_bytes"`` is filled when the block ends.
+        A dict whose ``"peak_bytes"`` (and ``"window_peak_bytes"``) are filled when the
+        block ends.
 
     Raises:
         RuntimeError: When the profiler cannot run (another profiler is active) or its
@@ -197,20 +210,26 @@ def cpu_allocation_peak() -> Iterator[dict[str, int]]:
     if torch._C._autograd._profiler_enabled():
         # A second profiler would end the user's session when it stops.
         raise RuntimeError("another profiler is active")
-    out = {"peak_bytes": 0}
+    out = {"peak_bytes": 0, "window_peak_bytes": 0}
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         yield out
     try:
         events = prof.profiler.kineto_results.events()
         trace = sorted((e.start_ns(), e.nbytes()) for e in events
                        if e.name() == "[memory]" and str(e.device_type()).endswith("CPU"))
+        ranges = [(e.start_ns(), e.start_ns() + e.duration_ns()) for e in events
+                  if window is not None and e.name() == window]
     except AttributeError as err:
         raise RuntimeError(f"the profiler's allocation events cannot be read: {err}") from err
-    running = peak = 0
-    for _, nbytes in trace:
-        running += nbytes
-        peak = max(peak, running)
-    out["peak_bytes"] = int(peak)
+    times = [t for t, _ in trace]
+    running = list(itertools.accumulate(nbytes for _, nbytes in trace))
+    out["peak_bytes"] = int(max([0, *running]))
+    for start, end in ranges:
+        first, stop = bisect.bisect_left(times, start), bisect.bisect_right(times, end)
+        if first < stop:
+            level = running[first - 1] if first else 0
+            out["window_peak_bytes"] = max(out["window_peak_bytes"],
+                                           int(max(running[first:stop]) - level))
 
 
 def storage_key(t: Tensor) -> tuple[str, int]:

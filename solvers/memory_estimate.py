@@ -56,7 +56,10 @@ def lanczos_memory_bytes(n: int, strategy: str, op_dtype: torch.dtype,
       the start vector and one working vector (the residual :math:`w`); the verification
       works one pair at a time on the basis's own rows (one product, the operator's own
       memory, with the prediction made slice by slice), plus the k returned unit Ritz
-      vectors when ``return_eigenvectors``.
+      vectors when ``return_eigenvectors``. ``at_first_product`` is what it holds while
+      its first product runs: the start vector and the first basis row (a CPU basis's
+      other rows take memory only as they are written; on CUDA all of ``total`` is
+      allocated by then).
 
     Args:
         n: Operator size.
@@ -84,6 +87,7 @@ def lanczos_memory_bytes(n: int, strategy: str, op_dtype: torch.dtype,
         parts["verification"] = k * n * work if return_eigenvectors else 0
         parts["total"] = max(parts["start_vector"], sum(
             v for key, v in parts.items() if key != "start_vector"))
+        parts["at_first_product"] = parts["start_vector"] + n * b_c + cast
         return parts
     if strategy == "none":
         parts["vectors"] = 5 * n * work + n * b_c

@@ -352,6 +352,11 @@ def test_plan_micro_batches_from_budget():
     assert big.product_bytes(1) >= 2 * n * itemsize
     # The cache state the probe's operator kept, fitted per example as well.
     assert 0 < big.held_bytes(6) < big.product_bytes(6)
+    # A cached product (the vector-dependent step) holds at least its flat output, and less
+    # than the first product, which also built the state.
+    for m in (1, 6):
+        cached = big.cached_product_bytes(m)
+        assert n * itemsize <= cached < big.product_bytes(m) - big.held_bytes(m)
     budget = int(big.fixed_bytes + 2.5 * big.bytes_per_example)
     small = plan_micro_batches(GGNOperator, model, obj, batch, memory_budget_bytes=budget)
     assert small.micro_batch_size == 2

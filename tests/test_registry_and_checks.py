@@ -16,7 +16,12 @@ from curvops.linops import (
 )
 from curvops.linops.checks import NumberTypeError, check_int, check_real
 from curvops.linops.dtypes import DTYPES_BY_NAME, LOW_PRECISION, dtype_from_name, dtype_name
-from curvops.linops.memory_probe import graph_bytes, peak_memory, saved_tensor_bytes
+from curvops.linops.memory_probe import (
+    cpu_allocation_peak,
+    graph_bytes,
+    peak_memory,
+    saved_tensor_bytes,
+)
 from curvops.linops.registry import OPERATORS, SHORT_NAMES, operator_names
 from references import CountingNet
 from torch import nn
@@ -105,3 +110,23 @@ def test_memory_probe_counts_storages_once():
         torch.ones(2**20, dtype=torch.float64).sum()
     assert set(mem) == {"peak_bytes", "peak_mb", "base_bytes"}
     assert mem["peak_mb"] == mem["peak_bytes"] / 2**20 and mem["base_bytes"] > 0
+
+
+def test_cpu_allocation_peak_of_the_block_and_of_its_named_ranges():
+    """Known allocations: 1 MiB kept before a range, 2 MiB then 3 MiB freed inside it (the
+    range's peak is 3 MiB above where it began), 4 MiB after it."""
+    mib = 2**20
+    with cpu_allocation_peak(window="probe.range") as peak:
+        kept = torch.empty(mib, dtype=torch.uint8)
+        with torch.profiler.record_function("probe.range"):
+            a = torch.empty(2 * mib, dtype=torch.uint8)
+            del a
+            b = torch.empty(3 * mib, dtype=torch.uint8)
+            del b
+        c = torch.empty(4 * mib, dtype=torch.uint8)
+        del c, kept
+    assert peak["peak_bytes"] == 5 * mib
+    assert peak["window_peak_bytes"] == 3 * mib
+    with cpu_allocation_peak(window="absent") as none:
+        torch.empty(mib, dtype=torch.uint8)
+    assert none["window_peak_bytes"] == 0 and none["peak_bytes"] == mib

@@ -530,22 +530,31 @@ def test_a_thick_restart_keeps_the_cache_while_enough_vectors_fit_beside_it():
     from curvops.adapters.seed_api import CACHE_FIRST_EXTRA, _restart_size
     from curvops.linops.memory import MicroBatchPlan
 
-    # A product peaks at 1000 + 100 m bytes, its cache state is 50 m: at 4 examples
-    # P = 1400, H = 200, the rest of a cached product 1200; the whole cache is 200.
-    plan = MicroBatchPlan(None, 4, 4, 100.0, 1000.0, None, "cpu_allocator_peak", 50.0, 0.0)
+    # The first product peaks at 1000 + 100 m bytes and leaves a cache state of 50 m; a
+    # cached product peaks at 300 + 20 m beside it. At 4 examples: P = 1400, H = 200, the
+    # rest of the building product 1200, a cached product 380; the whole cache is 200.
+    plan = MicroBatchPlan(None, 4, 4, 100.0, 1000.0, None, "cpu_resident", 50.0, 0.0,
+                          20.0, 300.0)
     k, vec = 5, 100
 
-    def size(budget):
-        return _restart_size(plan, budget, None, 200.0, 12, k, lambda c: c * vec)
+    def size(budget, at_first=lambda c: 2 * vec):
+        return _restart_size(plan, budget, None, 200.0, 12, k, lambda c: c * vec, at_first)
 
-    assert size(12 * vec + 200 + 1200) == (12, True)
-    assert size(12 * vec + 200 + 1200 - 1) == (11, True)
+    # CPU: the first product runs beside two vectors, later ones beside the whole basis.
+    assert size(12 * vec + 200 + 380) == (12, True)
+    assert size(12 * vec + 200 + 380 - 1) == (11, True)
+    # ... unless the first product does not fit either: 2 vectors + 200 + 1200 = 1600.
+    assert size(1599) == (k + 2, False)
+    # CUDA: the whole basis is there for the first product too (the larger peak decides).
+    cuda = lambda c: c * vec  # noqa: E731
+    assert size(12 * vec + 200 + 1200, cuda) == (12, True)
+    assert size(12 * vec + 200 + 1200 - 1, cuda) == (11, True)
     floor = k + CACHE_FIRST_EXTRA
-    assert size(floor * vec + 1400) == (floor, True)
+    assert size(floor * vec + 1400, cuda) == (floor, True)
     # Below the floor the basis takes the memory and products run fresh (peak P).
-    assert size(floor * vec + 1400 - 1) == (floor - 1, False)
-    assert size((k + 2) * vec + 1400) == (k + 2, False)
-    assert _restart_size(None, None, None, 0.0, 12, k, lambda c: c * vec) == (12, True)
+    assert size(floor * vec + 1400 - 1, cuda) == (floor - 1, False)
+    assert size((k + 2) * vec + 1400, cuda) == (k + 2, False)
+    assert _restart_size(None, None, None, 0.0, 12, k, lambda c: c * vec, cuda) == (12, True)
 
 
 def test_the_time_of_a_call_is_split_into_its_parts():
