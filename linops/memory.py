@@ -27,11 +27,12 @@ the first-order graph).
   gradients and temporaries, not only what autograd saves; the cached product's peak is
   that of the first product's vector-dependent step (the profiler range
   :data:`~curvops.linops.memory_probe.APPLY_RANGE`, the step a cached product repeats)
-  above where it began. Both are raised by :data:`CPU_HEAP_OVERHEAD` for what glibc's heap
-  holds beyond the live tensors. Where the profiler cannot run (another one is active),
-  the tensors autograd saves (:func:`~curvops.linops.memory_probe.saved_tensor_bytes`), a
-  lower bound. Budget = ``memory_budget_bytes``, else ``safety ·`` ``MemAvailable`` from
-  ``/proc/meminfo``; without either nothing is split.
+  above where it began. Both, and the cache state, are raised by :data:`CPU_HEAP_OVERHEAD`
+  for what glibc's heap holds beyond the live tensors. Where the profiler cannot run
+  (another one is active), the tensors autograd saves
+  (:func:`~curvops.linops.memory_probe.saved_tensor_bytes`), a lower bound. Budget =
+  ``memory_budget_bytes``, else ``safety ·`` ``MemAvailable`` from ``/proc/meminfo``;
+  without either nothing is split.
 """
 
 from __future__ import annotations
@@ -55,11 +56,13 @@ from .objective import Objective, as_objective
 
 __all__ = ["CPU_HEAP_OVERHEAD", "MicroBatchPlan", "plan_micro_batches"]
 
-#: The resident memory a CPU product adds beyond its peak of live tensors, as a share of
-#: that peak: the heap keeps freed blocks between live ones. Measured on the 124 M GPT-2's
-#: first (cache-building) GGN product: 3.41 GB resident for 3.07 GB of tensors with glibc's
-#: defaults, 3.80 GB with :func:`~curvops.linops.host_allocator.reuse_freed_memory`.
-CPU_HEAP_OVERHEAD = 0.25
+#: The resident memory of a CPU product and of a cache state beyond their live tensors, as a
+#: share of them: the heap keeps freed blocks between live ones and pages that small live
+#: blocks pin. Measured on the 124 M GPT-2's top-5 GGN run (``validation/bench_lm_top5.py``
+#: under a 10 GB process limit, a thick restart of 11 vectors): 3.30 GB resident above the
+#: solver's own vectors at its plateau, 3.47 GB at its peak, for 1.40 GB of cache state and
+#: 1.06 GB of a cached product's tensors (x 1.34-1.41).
+CPU_HEAP_OVERHEAD = 0.40
 
 
 @dataclass(frozen=True)
@@ -174,9 +177,9 @@ def _probe(
         with cpu_allocation_peak(window=APPLY_RANGE) as peak:
             op.matvec(v)
         # The first product's vector-dependent step is what a cached product repeats.
-        first, cached = ((1.0 + CPU_HEAP_OVERHEAD) * peak[key]
-                         for key in ("peak_bytes", "window_peak_bytes"))
-        return _Probe(int(first), op.cache_bytes, int(cached), "cpu_allocator_peak")
+        first, cached, held = ((1.0 + CPU_HEAP_OVERHEAD) * x for x in (
+            peak["peak_bytes"], peak["window_peak_bytes"], op.cache_bytes))
+        return _Probe(int(first), int(held), int(cached), "cpu_allocator_peak")
     except RuntimeError:  # the profiler cannot run here: count what autograd saves
         op.clear_cache()
         with saved_tensor_bytes(exclude=list(model.parameters())) as counted:

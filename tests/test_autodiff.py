@@ -147,6 +147,8 @@ def test_flat_vjp_equals_the_concatenated_gradients():
     ga, gb = torch.autograd.grad(y, [a, b], c, retain_graph=True)
     got = flat_vjp([y], [a, b], [c], DT)
     assert torch.equal(got, torch.cat([ga.to(DT), gb]))
+    # an output that is a leaf (no node to mark the pass by): the concatenation path
+    assert torch.equal(flat_vjp([b], [a, b], [c], DT), torch.cat([torch.zeros(3, dtype=DT), c]))
     # no output depends on the inputs: zeros
     assert torch.equal(flat_vjp([None], [a, b], [c], DT), torch.zeros(6, dtype=DT))
     assert not a._backward_hooks  # the hooks are gone
@@ -171,3 +173,37 @@ def test_flat_vjp_does_not_hold_the_gradients_beside_the_flat_vector():
     assert torch.equal(flat, cat)
     assert cat_peak["peak_bytes"] >= 1.9 * size  # the reference holds both
     assert flat_peak["peak_bytes"] < 1.6 * size
+
+
+def test_flat_vjp_leaves_other_backward_passes_alone():
+    """A backward pass nested in this one (a custom backward that differentiates another
+    graph of the same inputs) also runs the inputs' hooks: its gradient stays its own and
+    does not land in the flat vector."""
+    gen = torch.Generator().manual_seed(5)
+    W = torch.randn(4, 3, dtype=DT, generator=gen, requires_grad=True)
+    b = torch.randn(3, dtype=DT, generator=gen, requires_grad=True)
+    X = torch.randn(5, 4, dtype=DT, generator=gen)
+    nested = []
+
+    class _Nested(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            with torch.enable_grad():
+                nested.append(torch.autograd.grad((W * 5.0).sum(), W)[0])
+            return g
+
+    def graph():
+        return _Nested.apply(torch.tanh(X @ W + b)).sin()
+
+    out = graph()
+    cot = torch.randn(*out.shape, dtype=DT, generator=gen)
+    expected = torch.cat([g.reshape(-1) for g in torch.autograd.grad(graph(), [W, b], cot)])
+    got = flat_vjp([out], [W, b], [cot], DT)
+    assert torch.equal(got, expected)
+    assert len(nested) == 2
+    assert torch.equal(nested[1], torch.full_like(W, 5.0))  # the nested pass's own gradient
+    assert not W._backward_hooks and not b._backward_hooks
