@@ -346,6 +346,9 @@ def _plan_memory(
     # What a thick restart holds at its first product: on CPU the basis's rows take memory
     # only as they are written; CUDA allocates the whole basis at once.
     at_first = "total" if device.type == "cuda" else "at_first_product"
+    # A thick restart's products are written into its residual buffer (the operator's own
+    # dtype, one process): they allocate no output vector.
+    into = cfg.dtype_compute == op_dtype and opts["process_group"] is None
 
     # (label, strategy, ncv) in order of preference; a thick restart's ncv is sized after
     # its product (None until then): micro-batches would slow every product, a smaller
@@ -388,7 +391,7 @@ def _plan_memory(
         if ncv == "restart":
             ncv, cached = _restart_size(plan, budget, rest, cache_total, preferred, cfg.k,
                                         lambda c: estimate("full", c),
-                                        lambda c: estimate("full", c, at_first))
+                                        lambda c: estimate("full", c, at_first), into)
             if ncv != preferred or not cached:
                 why.append(f"reorth={label!r} needs {estimates[label] / 2**30:.2f} GiB with "
                            "its product" + (" and cache" if cached else "") + ", over the "
@@ -419,7 +422,9 @@ def _plan_memory(
         record["cache_estimate_bytes"] = int(cache_total)
     if budget is not None:
         rest = budget - estimates[label]
-        record["cache_budget_bytes"] = max(int(rest - _cached_product_bytes(plan, rest)), 0)
+        restarted = strategy == "full" and ncv is not None
+        record["cache_budget_bytes"] = max(
+            int(rest - _cached_product_bytes(plan, rest, into and restarted)), 0)
     if (strategy, ncv) != (cfg.strategy, cfg.ncv):
         cfg = dataclasses.replace(cfg, reorth=strategy, ncv=ncv)
     return cfg, mbs, plan, record
@@ -435,18 +440,18 @@ def _cache_total(plan: MicroBatchPlan, objective: Objective, data: Any) -> float
     return total
 
 
-def _cached_product_bytes(plan: MicroBatchPlan | None, rest: float) -> float:
-    """A cached product's memory beside the cache (measured by the plan's probe); half of
-    what is left when nothing was measured."""
+def _cached_product_bytes(plan: MicroBatchPlan | None, rest: float, into: bool) -> float:
+    """A cached product's memory beside the cache (measured by the plan's probe; ``into``:
+    written into the solver's buffer); half of what is left when nothing was measured."""
     if plan is None:
         return rest / 2
-    return plan.cached_product_bytes()
+    return plan.cached_product_bytes(into=into)
 
 
 def _restart_size(
     plan: MicroBatchPlan | None, budget: int | None, rest: float | None, cache_total: float,
     preferred: int, k: int, solver_bytes: Callable[[int], int],
-    solver_bytes_at_first: Callable[[int], int],
+    solver_bytes_at_first: Callable[[int], int], into: bool = False,
 ) -> tuple[int, bool]:
     """The thick restart's ``ncv`` and whether the product cache fits beside it.
 
@@ -457,19 +462,21 @@ def _restart_size(
     cache comes first while at least ``k + CACHE_FIRST_EXTRA`` vectors fit beside it (a
     cached product costs about two thirds of a fresh one on the GPT-2 GGNs measured, where
     each vector below that adds a tenth or more products); else the largest basis that
-    fits with fresh products. A basis never goes below ``k + 2``.
+    fits with fresh products. A basis never goes below ``k + 2``. ``into``: the products
+    are written into the solver's residual buffer (part of ``solver_bytes``), so they
+    allocate no output vector of their own.
     """
     if budget is None:
         return preferred, True
     sizes = range(preferred, k + 1, -1)
     if plan is not None:
-        steady = _cached_product_bytes(plan, 0.0) + cache_total
-        building = max(plan.product_bytes() - plan.held_bytes(), 0.0) + cache_total
+        steady = _cached_product_bytes(plan, 0.0, into) + cache_total
+        building = max(plan.product_bytes(into=into) - plan.held_bytes(), 0.0) + cache_total
         for c in sizes:
             if (c >= k + CACHE_FIRST_EXTRA and solver_bytes(c) + steady <= budget
                     and solver_bytes_at_first(c) + building <= budget):
                 return c, True
-        fresh = plan.product_bytes()
+        fresh = plan.product_bytes(into=into)
     else:
         fresh = rest / 2
     return next((c for c in sizes if solver_bytes(c) + fresh <= budget), k + 2), False

@@ -143,6 +143,7 @@ def flat_vjp(
     dtype: torch.dtype,
     *,
     retain_graph: bool = False,
+    out: Tensor | None = None,
 ) -> Tensor:
     r"""One vector-Jacobian product, written into a flat vector as each gradient arrives.
 
@@ -165,10 +166,12 @@ def flat_vjp(
         cotangents: One tensor per output, of its shape.
         dtype: The flat vector's dtype.
         retain_graph: Keep the graph for later products.
+        out: A contiguous ``(sum of the inputs' numels,)`` vector of ``dtype`` to write
+            into (the caller's buffer: no output is allocated), or None.
 
     Returns:
-        The flat ``(sum of the inputs' numels,)`` vector; inputs that get no gradient
-        have zeros.
+        The flat ``(sum of the inputs' numels,)`` vector (``out`` when given); inputs that
+        get no gradient have zeros.
     """
     outs, ws = _differentiable(outputs, cotangents)
     task_id = getattr(torch._C, "_current_graph_task_id", None)
@@ -177,9 +180,9 @@ def flat_vjp(
         # node to mark the pass by): the per-input gradients, then one concatenation.
         grads = batched_vjp(outputs, inputs, [w.unsqueeze(0) for w in cotangents],
                             retain_graph=retain_graph)
-        return torch.cat([g.reshape(-1).to(dtype) for g in grads])
-    device = inputs[0].device
-    out = torch.empty(sum(x.numel() for x in inputs), dtype=dtype, device=device)
+        return torch.cat([g.reshape(-1).to(dtype) for g in grads], out=out)
+    if out is None:
+        out = torch.empty(sum(x.numel() for x in inputs), dtype=dtype, device=inputs[0].device)
     views = [v.view(x.shape) for v, x in zip(out.split([x.numel() for x in inputs]), inputs,
                                              strict=True)]
     written = [False] * len(inputs)

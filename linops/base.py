@@ -77,6 +77,13 @@ class LinearOperatorBase:
         self._check(v, 1)
         return self._matmat(v.unsqueeze(1)).squeeze(1)
 
+    def matvec_into(self, v: Tensor, out: Tensor) -> Tensor:
+        """``A v`` written into ``out`` (an ``(n,)`` tensor of the operator's dtype and
+        device); returns ``out``. Operators that can write their product straight into it
+        (the curvature operators) allocate no output vector of their own."""
+        self._check(out, 1)
+        return out.copy_(self.matvec(v))
+
     def matmat(self, V: Tensor) -> Tensor:
         """``A V`` for a matrix of shape ``(n, m)``, as one batched product."""
         self._check(V, 2)

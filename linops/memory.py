@@ -82,6 +82,9 @@ class MicroBatchPlan:
         held_fixed_bytes: Measured intercept :math:`h_0` of the cache state.
         cached_bytes_per_example: Measured slope :math:`c_1` of a cached product's peak.
         cached_fixed_bytes: Measured intercept :math:`c_0` of a cached product's peak.
+        output_bytes: The product's output vector, which the measured peaks leave out
+            (the probe writes into a buffer, as a thick-restarted Lanczos run's products
+            do, :meth:`~curvops.linops.curvature.CurvatureOperator.matvec_into`).
     """
 
     micro_batch_size: int | None
@@ -95,23 +98,29 @@ class MicroBatchPlan:
     held_fixed_bytes: float = 0.0
     cached_bytes_per_example: float = 0.0
     cached_fixed_bytes: float = 0.0
+    output_bytes: float = 0.0
 
-    def product_bytes(self, examples: int | None = None) -> float:
+    def product_bytes(self, examples: int | None = None, *, into: bool = False) -> float:
         """A product's peak for a micro-batch of ``examples`` (default: the one used),
-        the building of its cache state included."""
+        the building of its cache state included; ``into``: written into the caller's
+        buffer (no output vector of its own)."""
         m = self.batch_size_used if examples is None else examples
-        return self.fixed_bytes + self.bytes_per_example * m
+        return self.fixed_bytes + self.bytes_per_example * m + (0.0 if into else
+                                                                self.output_bytes)
 
     def held_bytes(self, examples: int | None = None) -> float:
         """The cache state of a micro-batch of ``examples`` (default: the one used)."""
         m = self.batch_size_used if examples is None else examples
         return self.held_fixed_bytes + self.held_bytes_per_example * m
 
-    def cached_product_bytes(self, examples: int | None = None) -> float:
+    def cached_product_bytes(self, examples: int | None = None, *, into: bool = False
+                             ) -> float:
         """A cached product's peak beside the cache (that of its vector-dependent step),
-        for a micro-batch of ``examples`` (default: the one used)."""
+        for a micro-batch of ``examples`` (default: the one used); ``into`` as for
+        :meth:`product_bytes`."""
         m = self.batch_size_used if examples is None else examples
-        return self.cached_fixed_bytes + self.cached_bytes_per_example * m
+        return (self.cached_fixed_bytes + self.cached_bytes_per_example * m
+                + (0.0 if into else self.output_bytes))
 
     def as_dict(self) -> dict[str, Any]:
         """The plan as a plain dict (for result metadata)."""
@@ -148,6 +157,7 @@ class _Probe:
     held: int
     cached: int
     method: str
+    output: int = 0
 
 
 def _probe(
@@ -166,28 +176,31 @@ def _probe(
     )
     gen = torch.Generator().manual_seed(0)
     v = torch.randn(op.shape[0], generator=gen, dtype=torch.float64).to(op.dtype).to(op.device)
+    # The products write into a buffer allocated here: their peaks leave the output out.
+    out = torch.empty_like(v)
+    output = out.numel() * out.element_size()
     if device.type == "cuda":
         peaks = []
         for _ in range(2):  # the first builds the cache, the second is served from it
             with peak_memory(device) as peak:
-                op.matvec(v)
+                op.matvec_into(v, out)
             peaks.append(int(peak["peak_bytes"]))
-        return _Probe(peaks[0], op.cache_bytes, peaks[1], "cuda_peak")
+        return _Probe(peaks[0], op.cache_bytes, peaks[1], "cuda_peak", output)
     try:
         with cpu_allocation_peak(window=APPLY_RANGE) as peak:
-            op.matvec(v)
+            op.matvec_into(v, out)
         # The first product's vector-dependent step is what a cached product repeats.
         first, cached, held = ((1.0 + CPU_HEAP_OVERHEAD) * x for x in (
             peak["peak_bytes"], peak["window_peak_bytes"], op.cache_bytes))
-        return _Probe(int(first), int(held), int(cached), "cpu_allocator_peak")
+        return _Probe(int(first), int(held), int(cached), "cpu_allocator_peak", output)
     except RuntimeError:  # the profiler cannot run here: count what autograd saves
         op.clear_cache()
         with saved_tensor_bytes(exclude=list(model.parameters())) as counted:
-            op.matvec(v)
+            op.matvec_into(v, out)
         saved, held = counted(), op.cache_bytes
         # A cached product saves nothing new: its peak is taken as the first's beyond the
         # state (no better count without the profiler).
-        return _Probe(saved, held, max(saved - held, 0), "saved_tensors")
+        return _Probe(saved, held, max(saved - held, 0), "saved_tensors", output)
 
 
 def plan_micro_batches(
@@ -262,14 +275,16 @@ def plan_micro_batches(
 
     def plan(micro: int | None, used: int) -> MicroBatchPlan:
         return MicroBatchPlan(micro, batch_size, used, slope, fixed, budget, one.method,
-                              held_slope, held_fixed, cached_slope, cached_fixed)
+                              held_slope, held_fixed, cached_slope, cached_fixed,
+                              float(one.output))
 
     if slope <= 0.0:  # nothing measurable grows with the batch: whole batches fit
         return plan(None, batch_size)
-    fits = int((budget - fixed) // slope)
+    fits = int((budget - fixed - one.output) // slope)
     if fits < 1:
         raise MemoryError(
-            f"one example needs about {(fixed + slope) / 2**20:.1f} MiB per product, over the "
+            f"one example needs about {(fixed + slope + one.output) / 2**20:.1f} MiB per "
+            "product, over the "
             f"memory budget of {budget / 2**20:.1f} MiB"
         )
     if fits >= batch_size:

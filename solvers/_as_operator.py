@@ -137,6 +137,8 @@ class TorchOperator:
             solver in lockstep; only rank 0 prints and writes.
         cache_bytes: Reads the wrapped operator's product-cache size (curvops operators),
             or None.
+        apply_into: ``apply_into(v, out)`` writes ``A @ v`` into ``out`` (curvops
+            operators: their ``matvec_into``), or None.
     """
 
     n: int
@@ -147,9 +149,18 @@ class TorchOperator:
     hold: Callable[[], AbstractContextManager] | None = None
     process_group: Any = None
     cache_bytes: Callable[[], int] | None = None
+    apply_into: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         return self.apply(v)
+
+    def matvec_into(self, v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """:math:`Av` in ``out`` (a length-n tensor of ``dtype`` on ``device``): written
+        there by the operator where it can, else copied from :meth:`matvec`."""
+        if self.apply_into is None:
+            return out.copy_(self.matvec(v))
+        self.apply_into(v, out)
+        return out
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """:math:`Av`, refusing an output that is not a length-n tensor.
@@ -286,9 +297,11 @@ def as_operator(A: object) -> TorchOperator:
         device = torch.device(getattr(A, "device", "cpu"))
         hold = getattr(A, "parameters_fixed", None)
         cached = (lambda: int(A.cache_bytes)) if hasattr(A, "cache_bytes") else None
+        into = getattr(A, "matvec_into", None)
         return TorchOperator(n, dtype, device, A.matvec, own_matmat,
                              hold if callable(hold) else None,
-                             getattr(A, "process_group", None), cached)
+                             getattr(A, "process_group", None), cached,
+                             into if callable(into) else None)
     # scipy LinearOperator and generic numpy-style objects.
     np_dtype = np.dtype(np.float64) if dtype is None else np.dtype(dtype)
     if np_dtype not in TORCH_OF_NUMPY:

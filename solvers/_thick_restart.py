@@ -99,21 +99,24 @@ class ThickRestart:
         """
         ctx = self.ctx
         v = self._row(j)
-        u = ctx.apply(v)
         if self._w is None:
             self._w = torch.empty(ctx.n, dtype=ctx.work, device=ctx.device)
             ctx.ledger.alloc(self._w)
+        # The operator writes its product into w where it can (no output vector of its
+        # own); otherwise u is its output, which is never changed.
+        u = ctx.apply(v, out=self._w)
+        into = u.data_ptr() == self._w.data_ptr()
         unorm_t = vector_norm(u)
         # The couplings the recurrence already knows: beta_j v_{j-1}, or b after a restart,
-        # subtracted while u is copied into w (the operator's output is never changed):
-        # one pass over w for the usual single coupling, one per run of rows after a
-        # restart, instead of one per coupling.
+        # subtracted in w (while u is copied into it when the operator did not write
+        # there): one pass over w for the usual single coupling, one per run of rows after
+        # a restart, instead of one per coupling.
         known = np.flatnonzero(self.H[j, :j])
         if known.size == 1:
             i = int(known[0])
             w = torch.sub(u, self._row(i), alpha=float(self.H[j, i]), out=self._w)
         else:
-            w = self._w.copy_(u)
+            w = self._w if into else self._w.copy_(u)
             if known.size:
                 self.basis.subtract_rows(w, known, torch.as_tensor(
                     self.H[j, known], dtype=w.dtype, device=w.device))

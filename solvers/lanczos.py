@@ -460,16 +460,20 @@ class _Timer:
         self.cpu_seconds = 0.0
         self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
-    def __call__(self, op: TorchOperator, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, op: TorchOperator, x: torch.Tensor,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+        def product() -> torch.Tensor:
+            return op.matvec(x) if out is None else op.matvec_into(x, out)
+
         if self.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            y = op.matvec(x)
+            y = product()
             end.record()
             self.events.append((start, end))
             return y
         t0 = time.perf_counter()
-        y = op.matvec(x)
+        y = product()
         self.cpu_seconds += time.perf_counter() - t0
         return y
 
@@ -770,10 +774,17 @@ class _Run:
         return beta_next <= factor * max(self.anorm, np.finfo(float).tiny)
 
     # -- one product, with the documented cast when the basis dtype differs ------------
-    def apply(self, v: torch.Tensor) -> torch.Tensor:
-        """One product, in the operator's dtype, on the working device (not owned)."""
+    def apply(self, v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """One product, in the operator's dtype, on the working device (not owned).
+
+        With ``out`` (a solver buffer of the working dtype and device) the product is
+        written into it where the operator's dtype and device are those (and ``out`` is
+        returned); otherwise it is left to the caller to copy.
+        """
         x = v if v.dtype == self.op.dtype else v.to(self.op.dtype)
-        u = self.timer(self.op, x)
+        usable = (out is not None and out.dtype == self.op.dtype
+                  and out.device == self.op.device)
+        u = self.timer(self.op, x, out if usable else None)
         self.matvecs += 1
         return u.to(device=self.device)
 

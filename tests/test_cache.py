@@ -18,7 +18,7 @@ from curvops.linops import (
     TorchObjective,
 )
 from curvops.linops.cache import DEFAULT_BUDGET_FRACTION, parameter_fingerprint
-from curvops.linops.memory_probe import available_memory_bytes
+from curvops.linops.memory_probe import available_memory_bytes, cpu_allocation_peak
 from curvops.linops.objective import Objective
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -116,6 +116,58 @@ def problem():
     X, y = ce_data()
     refs = {k: f(model, X, y) for k, f in REFERENCES.items()}
     return model, X, y, refs
+
+
+# --- products written into the caller's buffer ------------------------------------------------
+@pytest.mark.parametrize("batching", ["one_batch", "two_batches", "micro_batches_3"])
+@pytest.mark.parametrize("kind", list(OPERATORS))
+def test_matvec_into_equals_matvec(problem, kind, batching):
+    """Fresh (forward mode or double-vjp), cache-building and cached products written into a
+    buffer equal the products returned, bit for bit, and equal the dense reference."""
+    model, X, y, refs = problem
+    data, mbs = batchings(X, y)[batching]
+    cls, kw = OPERATORS[kind]
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=DT,
+                    generator=torch.Generator().manual_seed(6))
+    for cache in ("none", "auto"):
+        op = cls(model, nn.CrossEntropyLoss(), data, micro_batch_size=mbs, cache=cache, **kw)
+        twin = cls(model, nn.CrossEntropyLoss(), data, micro_batch_size=mbs, cache=cache, **kw)
+        for _ in range(2):  # (with the cache: building it, then served from it)
+            out = torch.full_like(v, float("nan"))
+            assert op.matvec_into(v, out) is out
+            assert torch.equal(out, twin @ v)
+        if kind in refs:
+            torch.testing.assert_close(out, refs[kind] @ v, **TOL)
+
+
+def test_matvec_into_refuses_a_buffer_it_cannot_write_and_allocates_no_output(problem):
+    model, X, y, _ = problem
+    op = GGNOperator(model, nn.CrossEntropyLoss(), (X, y))
+    n = op.shape[0]
+    v = torch.randn(n, dtype=DT, generator=torch.Generator().manual_seed(7))
+    with pytest.raises(ValueError, match="share memory"):
+        op.matvec_into(v, v)
+    with pytest.raises(TypeError, match="dtype"):
+        op.matvec_into(v, torch.empty(n, dtype=torch.float32))
+    with pytest.raises(ValueError, match="contiguous"):
+        op.matvec_into(v, torch.empty(2 * n, dtype=DT)[::2])
+    with pytest.raises(ValueError, match="shape"):
+        op.matvec_into(v, torch.empty(n + 1, dtype=DT))
+    # A wide model: the cached product's own output would be most of its memory.
+    torch.manual_seed(0)
+    wide = nn.Sequential(nn.Linear(20, 400), nn.Tanh(), nn.Linear(400, 400), nn.Tanh(),
+                         nn.Linear(400, 3)).to(DT)
+    op = GGNOperator(wide, nn.CrossEntropyLoss(), (torch.randn(4, 20, dtype=DT), y[:4]))
+    n = op.shape[0]
+    v = torch.randn(n, dtype=DT, generator=torch.Generator().manual_seed(8))
+    op @ v  # builds the cache
+    out = torch.empty(n, dtype=DT)
+    with cpu_allocation_peak() as into:
+        op.matvec_into(v, out)
+    with cpu_allocation_peak() as returned:
+        y_ = op @ v
+    assert torch.equal(out, y_)
+    assert returned["peak_bytes"] - into["peak_bytes"] >= 0.9 * n * 8
 
 
 # --- cached == fresh == dense ------------------------------------------------------------------

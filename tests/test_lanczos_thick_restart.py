@@ -261,3 +261,32 @@ def test_one_by_one_verification_holds_one_product_at_a_time() -> None:
             list(Y), lambda y: d * y, lambda i, c0, c1: (d[c0:c1] * Y[i, c0:c1]),
             np.ones(p), np.ones(p, dtype=bool), 1.0, 1e-4, 1e-7, slice_cols=1 << 14)
     assert peak["peak_bytes"] < 1.5 * n * 4  # the product and a few slices
+
+
+def test_the_recurrence_writes_products_into_its_residual_buffer(dense) -> None:
+    """An operator with ``matvec_into`` gets the solver's residual buffer for every product
+    of the recurrence (the verification's products are its own), and the run is the one
+    without it, bit for bit."""
+    from curvops.linops.base import LinearOperatorBase
+
+    A, ref = dense
+
+    class Dense(LinearOperatorBase):
+        def __init__(self, into: bool) -> None:
+            self.shape, self.dtype, self.device = tuple(A.shape), A.dtype, A.device
+            self.into, self.buffers = into, set()
+
+        def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+            return A @ V
+
+        def matvec_into(self, v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+            self.buffers.add(out.data_ptr())
+            return torch.mv(A, v, out=out)
+
+    with_buffer = Dense(True)
+    res = lanczos(with_buffer, 5, which="LA", ncv=10, tol=1e-10, maxiter=500)
+    plain = lanczos(A, 5, which="LA", ncv=10, tol=1e-10, maxiter=500)
+    assert res.restarts > 0 and res.all_converged and res.verified
+    assert len(with_buffer.buffers) == 1  # one buffer: the residual w, every product
+    np.testing.assert_array_equal(res.eigenvalues, plain.eigenvalues)
+    assert res.matvecs == plain.matvecs

@@ -7,6 +7,7 @@ by autograd double backward of the token-normalised loss; scipy ``eigsh`` solves
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import types
 
@@ -461,11 +462,14 @@ def test_memory_budget_chooses_a_thick_restart_when_the_full_basis_does_not_fit(
     # The estimate covers what the solver's ledger counted.
     assert roomy["metadata"]["memory"]["solver_peak_bytes"] <= est["full"]
     # A budget between the restarted basis's and full's estimates (plus the cache and a
-    # product, or the first product, whichever is larger): the thick restart with the
+    # product, or the first product, whichever is larger; a thick restart's products write
+    # into its residual buffer: no output vector of their own): the thick restart with the
     # preferred basis of max(2k + 2, 12) = 12 vectors, said so.
     plan, mem = roomy["metadata"]["micro_batch_plan"], roomy["metadata"]["memory"]
     first = plan["fixed_bytes"] + plan["bytes_per_example"] * 64
-    product = max(first, mem["cache_estimate_bytes"] + mem["cached_product_peak_bytes"])
+    cached = mem["cached_product_peak_bytes"] - plan["output_bytes"]
+    assert plan["output_bytes"] == 8 * roomy["metadata"]["n_params"]
+    product = max(first, mem["cache_estimate_bytes"] + cached)
     budget = int(est["full, ncv=12"] + product + 1024)
     assert budget < est["full"]
     lean = compute_fisher_eigenvalues_lanczos(model, data, k=3, max_iter=200, tol=1e-10,
@@ -557,6 +561,16 @@ def test_a_thick_restart_keeps_the_cache_while_enough_vectors_fit_beside_it():
     assert size(floor * vec + 1400 - 1, cuda) == (floor - 1, False)
     assert size((k + 2) * vec + 1400, cuda) == (k + 2, False)
     assert _restart_size(None, None, None, 0.0, 12, k, lambda c: c * vec, cuda) == (12, True)
+    # A product's output vector (one vector here) is not needed when the products write
+    # into the solver's buffer.
+    out = dataclasses.replace(plan, output_bytes=float(vec))
+
+    def size_out(budget, into):
+        return _restart_size(out, budget, None, 200.0, 12, k, lambda c: c * vec,
+                             lambda c: 2 * vec, into)
+
+    assert size_out(12 * vec + 200 + 380, True) == (12, True)
+    assert size_out(12 * vec + 200 + 380, False) == (11, True)
 
 
 def test_the_time_of_a_call_is_split_into_its_parts():
