@@ -346,9 +346,12 @@ def _plan_memory(
     # What a thick restart holds at its first product: on CPU the basis's rows take memory
     # only as they are written; CUDA allocates the whole basis at once.
     at_first = "total" if device.type == "cuda" else "at_first_product"
-    # A thick restart's products are written into its residual buffer (the operator's own
-    # dtype, one process): they allocate no output vector.
-    into = cfg.dtype_compute == op_dtype and opts["process_group"] is None
+    # A thick restart's recurrence writes its products into its residual buffer (the
+    # operator's own dtype, one process): they allocate no output vector. Its verification
+    # then needs that buffer (the residual is part of each pair's prediction): a verified
+    # run's peak is a verification product with its own output beside the whole basis.
+    into = (cfg.dtype_compute == op_dtype and opts["process_group"] is None
+            and not cfg.verify)
 
     # (label, strategy, ncv) in order of preference; a thick restart's ncv is sized after
     # its product (None until then): micro-batches would slow every product, a smaller

@@ -462,14 +462,13 @@ def test_memory_budget_chooses_a_thick_restart_when_the_full_basis_does_not_fit(
     # The estimate covers what the solver's ledger counted.
     assert roomy["metadata"]["memory"]["solver_peak_bytes"] <= est["full"]
     # A budget between the restarted basis's and full's estimates (plus the cache and a
-    # product, or the first product, whichever is larger; a thick restart's products write
-    # into its residual buffer: no output vector of their own): the thick restart with the
-    # preferred basis of max(2k + 2, 12) = 12 vectors, said so.
+    # product, or the first product, whichever is larger; a verification product has an
+    # output vector of its own): the thick restart with the preferred basis of
+    # max(2k + 2, 12) = 12 vectors, said so.
     plan, mem = roomy["metadata"]["micro_batch_plan"], roomy["metadata"]["memory"]
-    first = plan["fixed_bytes"] + plan["bytes_per_example"] * 64
-    cached = mem["cached_product_peak_bytes"] - plan["output_bytes"]
     assert plan["output_bytes"] == 8 * roomy["metadata"]["n_params"]
-    product = max(first, mem["cache_estimate_bytes"] + cached)
+    first = plan["fixed_bytes"] + plan["bytes_per_example"] * 64 + plan["output_bytes"]
+    product = max(first, mem["cache_estimate_bytes"] + mem["cached_product_peak_bytes"])
     budget = int(est["full, ncv=12"] + product + 1024)
     assert budget < est["full"]
     lean = compute_fisher_eigenvalues_lanczos(model, data, k=3, max_iter=200, tol=1e-10,
