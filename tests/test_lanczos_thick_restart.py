@@ -53,7 +53,9 @@ def _expected(ref: np.ndarray, k: int, which: str) -> np.ndarray:
 def test_matches_dense_eigenvalues_and_vectors(dense, which: str, ncv: int) -> None:
     A, ref = dense
     k = 5
-    res = lanczos(A, k, which=which, ncv=ncv, tol=1e-10, maxiter=3000)
+    # (ncv = k + 2 at the clustered small end takes 1706 products with 2 threads and 3306
+    # with 1: the rounding of the products, which the thread count changes, sets the pace)
+    res = lanczos(A, k, which=which, ncv=ncv, tol=1e-10, maxiter=6000)
     assert res.restarts > 0 and res.ncv == ncv
     assert res.all_converged and res.verified
     np.testing.assert_allclose(res.eigenvalues, _expected(ref, k, which), rtol=0, atol=1e-9)
