@@ -65,7 +65,7 @@ def test_matches_dense_eigenvalues_and_vectors(dense, which: str, ncv: int) -> N
     assert float(torch.linalg.vector_norm(R, dim=0).max()) < 1e-8
     np.testing.assert_allclose((Y.T @ Y).numpy(), np.eye(k), atol=1e-10)
     assert res.orthogonality_loss < 1e-12
-    assert res.iterations <= 3000 and res.matvecs == res.iterations + k
+    assert res.iterations <= 6000 and res.matvecs == res.iterations + k
 
 
 def test_memory_is_bounded_by_ncv(dense) -> None:
