@@ -81,8 +81,20 @@ class LinearOperatorBase:
         """``A v`` written into ``out`` (an ``(n,)`` tensor of the operator's dtype and
         device); returns ``out``. Operators that can write their product straight into it
         (the curvature operators) allocate no output vector of their own."""
-        self._check(out, 1)
+        self._check_out(out)
         return out.copy_(self.matvec(v))
+
+    def _check_out(self, out: Tensor) -> None:
+        """Refuse an output buffer of another type, shape, dtype or device."""
+        if not isinstance(out, Tensor):
+            raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+        if tuple(out.shape) != (self.shape[0],):
+            raise ValueError(f"out must have shape ({self.shape[0]},), got {tuple(out.shape)}")
+        if out.dtype != self.dtype:
+            raise TypeError(f"out must have the operator's dtype {self.dtype}, got {out.dtype}")
+        if out.device != self.device:
+            raise ValueError(f"out must be on the operator's device {self.device}, got "
+                             f"{out.device}")
 
     def matmat(self, V: Tensor) -> Tensor:
         """``A V`` for a matrix of shape ``(n, m)``, as one batched product."""

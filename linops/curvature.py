@@ -404,7 +404,7 @@ class CurvatureOperator(EmpiricalRisk, LinearOperatorBase):
             ``out``.
         """
         self._check(v, 1)
-        self._check(out, 1)
+        self._check_out(out)
         if not out.is_contiguous():
             raise ValueError("out must be contiguous")
         if out.untyped_storage().data_ptr() == v.untyped_storage().data_ptr():

@@ -147,12 +147,14 @@ def test_matvec_into_refuses_a_buffer_it_cannot_write_and_allocates_no_output(pr
     v = torch.randn(n, dtype=DT, generator=torch.Generator().manual_seed(7))
     with pytest.raises(ValueError, match="share memory"):
         op.matvec_into(v, v)
-    with pytest.raises(TypeError, match="dtype"):
+    with pytest.raises(TypeError, match="out must have the operator's dtype"):
         op.matvec_into(v, torch.empty(n, dtype=torch.float32))
     with pytest.raises(ValueError, match="contiguous"):
         op.matvec_into(v, torch.empty(2 * n, dtype=DT)[::2])
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match="out must have shape"):
         op.matvec_into(v, torch.empty(n + 1, dtype=DT))
+    with pytest.raises(TypeError, match="out must be a torch.Tensor"):
+        op.matvec_into(v, v.numpy().copy())
     # A wide model: the cached product's own output would be most of its memory.
     torch.manual_seed(0)
     wide = nn.Sequential(nn.Linear(20, 400), nn.Tanh(), nn.Linear(400, 400), nn.Tanh(),
