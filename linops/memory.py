@@ -189,9 +189,12 @@ def _probe(
     try:
         with cpu_allocation_peak(window=APPLY_RANGE) as peak:
             op.matvec_into(v, out)
-        # The first product's vector-dependent step is what a cached product repeats.
+        # The first product's vector-dependent step is what a cached product repeats; without
+        # a cache (its state did not fit the probe operator's budget) every product is
+        # fresh, as large as the first.
+        window = peak["window_peak_bytes"] if op.cache_active else peak["peak_bytes"]
         first, cached, held = ((1.0 + CPU_HEAP_OVERHEAD) * x for x in (
-            peak["peak_bytes"], peak["window_peak_bytes"], op.cache_bytes))
+            peak["peak_bytes"], window, op.cache_bytes))
         return _Probe(int(first), int(held), int(cached), "cpu_allocator_peak", output)
     except RuntimeError:  # the profiler cannot run here: count what autograd saves
         op.clear_cache()
@@ -199,8 +202,9 @@ def _probe(
             op.matvec_into(v, out)
         saved, held = counted(), op.cache_bytes
         # A cached product saves nothing new: its peak is taken as the first's beyond the
-        # state (no better count without the profiler).
-        return _Probe(saved, held, max(saved - held, 0), "saved_tensors", output)
+        # state (no better count without the profiler); without a cache, as the first's.
+        cached = max(saved - held, 0) if op.cache_active else saved
+        return _Probe(saved, held, cached, "saved_tensors", output)
 
 
 def plan_micro_batches(

@@ -357,6 +357,12 @@ def test_plan_micro_batches_from_budget():
     for m in (1, 6):
         cached = big.cached_product_bytes(m)
         assert n * itemsize <= cached < big.product_bytes(m) - big.held_bytes(m)
+    # Without a cache every product is fresh: a later product is measured as the first.
+    fresh = plan_micro_batches(GGNOperator, model, obj, batch, memory_budget_bytes=2**34,
+                               operator_kwargs={"cache": "none"})
+    assert fresh.held_bytes(6) == 0
+    for m in (1, 6):
+        assert fresh.cached_product_bytes(m) == fresh.product_bytes(m) > n * itemsize
     budget = int(big.fixed_bytes + 2.5 * big.bytes_per_example)
     small = plan_micro_batches(GGNOperator, model, obj, batch, memory_budget_bytes=budget)
     assert small.micro_batch_size == 2
