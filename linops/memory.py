@@ -100,27 +100,30 @@ class MicroBatchPlan:
     cached_fixed_bytes: float = 0.0
     output_bytes: float = 0.0
 
+    def _fitted(self, fixed: float, per_example: float, examples: int | None) -> float:
+        """``fixed + per_example · m`` for ``m = examples`` (default: the micro-batch used)."""
+        m = self.batch_size_used if examples is None else examples
+        return fixed + per_example * m
+
     def product_bytes(self, examples: int | None = None, *, into: bool = False) -> float:
         """A product's peak for a micro-batch of ``examples`` (default: the one used),
         the building of its cache state included; ``into``: written into the caller's
         buffer (no output vector of its own)."""
-        m = self.batch_size_used if examples is None else examples
-        return self.fixed_bytes + self.bytes_per_example * m + (0.0 if into else
-                                                                self.output_bytes)
+        output = 0.0 if into else self.output_bytes
+        return self._fitted(self.fixed_bytes, self.bytes_per_example, examples) + output
 
     def held_bytes(self, examples: int | None = None) -> float:
         """The cache state of a micro-batch of ``examples`` (default: the one used)."""
-        m = self.batch_size_used if examples is None else examples
-        return self.held_fixed_bytes + self.held_bytes_per_example * m
+        return self._fitted(self.held_fixed_bytes, self.held_bytes_per_example, examples)
 
     def cached_product_bytes(self, examples: int | None = None, *, into: bool = False
                              ) -> float:
         """A cached product's peak beside the cache (that of its vector-dependent step),
         for a micro-batch of ``examples`` (default: the one used); ``into`` as for
         :meth:`product_bytes`."""
-        m = self.batch_size_used if examples is None else examples
-        return (self.cached_fixed_bytes + self.cached_bytes_per_example * m
-                + (0.0 if into else self.output_bytes))
+        output = 0.0 if into else self.output_bytes
+        return self._fitted(self.cached_fixed_bytes, self.cached_bytes_per_example,
+                            examples) + output
 
     def as_dict(self) -> dict[str, Any]:
         """The plan as a plain dict (for result metadata)."""
@@ -275,9 +278,14 @@ def plan_micro_batches(
 
     one = measure(1)
     two = measure(2) if probe_n >= 2 else None
-    slope, fixed = line(one.peak, None if two is None else two.peak)
-    held_slope, held_fixed = line(one.held, None if two is None else two.held)
-    cached_slope, cached_fixed = line(one.cached, None if two is None else two.cached)
+
+    def fit(quantity: str) -> tuple[float, float]:
+        """(slope, intercept) of one of the probes' measurements."""
+        return line(getattr(one, quantity), None if two is None else getattr(two, quantity))
+
+    slope, fixed = fit("peak")
+    held_slope, held_fixed = fit("held")
+    cached_slope, cached_fixed = fit("cached")
 
     def plan(micro: int | None, used: int) -> MicroBatchPlan:
         return MicroBatchPlan(micro, batch_size, used, slope, fixed, budget, one.method,
@@ -290,8 +298,7 @@ def plan_micro_batches(
     if fits < 1:
         raise MemoryError(
             f"one example needs about {(fixed + slope + one.output) / 2**20:.1f} MiB per "
-            "product, over the "
-            f"memory budget of {budget / 2**20:.1f} MiB"
+            f"product, over the memory budget of {budget / 2**20:.1f} MiB"
         )
     if fits >= batch_size:
         return plan(None, batch_size)
