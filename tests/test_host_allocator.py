@@ -60,3 +60,44 @@ def test_lanczos_gives_the_same_numbers_with_and_without_reuse():
     assert host_allocator._depth == 0
     with pytest.raises(TypeError, match="reuse_freed_memory must be a bool"):
         lanczos(A, 4, reuse_freed_memory=1)
+
+
+class _FakeGlibc:
+    """Records the allocator calls ``_settle`` makes, with a chosen free heap."""
+
+    def __init__(self, free_bytes: int | None) -> None:
+        self.calls: list[tuple] = []
+        if free_bytes is not None:
+            self.mallinfo2 = lambda: type("Info", (), {"fordblks": free_bytes})()
+
+    def mallopt(self, param: int, value: int) -> int:
+        self.calls.append(("mallopt", param, value))
+        return 1
+
+    def malloc_trim(self, pad: int) -> int:
+        self.calls.append(("malloc_trim", pad))
+        return 1
+
+
+@pytest.mark.parametrize(("free", "trims"), [
+    (10 << 20, False),  # below the settled trim threshold: glibc would keep it too
+    (2 * host_allocator.SETTLED_MMAP_THRESHOLD_BYTES, True),
+    (None, True),  # glibc before 2.33 cannot tell: always trim
+])
+def test_leaving_gives_memory_back_only_above_the_settled_trim_threshold(free, trims):
+    libc = _FakeGlibc(free)
+    host_allocator._settle(libc)
+    assert ("mallopt", host_allocator._M_MMAP_THRESHOLD,
+            host_allocator.SETTLED_MMAP_THRESHOLD_BYTES) in libc.calls
+    assert ("mallopt", host_allocator._M_TRIM_THRESHOLD,
+            2 * host_allocator.SETTLED_MMAP_THRESHOLD_BYTES) in libc.calls
+    assert (("malloc_trim", 0) in libc.calls) == trims
+
+
+@pytest.mark.skipif(not GLIBC or host_allocator._free_heap_bytes(host_allocator._glibc())
+                    is None, reason="glibc >= 2.33 only")
+def test_free_heap_bytes_sees_a_freed_block():
+    libc = host_allocator._glibc()
+    with reuse_freed_memory():
+        torch.empty(BLOCK).fill_(1.0)  # freed into the heap, kept there inside the block
+        assert host_allocator._free_heap_bytes(libc) >= BLOCK * 4
