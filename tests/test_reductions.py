@@ -59,6 +59,40 @@ def test_dot_and_gram(vectors) -> None:
     assert N > BLOCK
 
 
+def test_gram_of_two_strided_inputs_and_of_low_precision(vectors) -> None:
+    x, y = vectors
+    z = 3.0 * x + 1e-3 * y
+    M = torch.stack([x, y, z, y - x])  # rows 1..2 and 0..3: strided row views of it
+    X, Y = M[1:3], M[0:4]
+    ref = (X.double() @ Y.double().T).numpy()
+    scale = float(M.double().norm(dim=1).max()) ** 2
+    np.testing.assert_allclose(gram(X, Y).numpy(), ref, rtol=5e-7, atol=1e-7 * scale)
+    assert gram(X, Y).dtype == torch.float64 and gram(X, Y).shape == (2, 4)
+    # bf16 rows: exact in float32, the products and the float64 sums keep it.
+    Mb = M.bfloat16()
+    refb = (Mb.double() @ Mb.double().T).numpy()
+    np.testing.assert_allclose(gram(Mb).numpy(), refb, rtol=5e-7, atol=1e-7 * scale)
+
+
+def test_basis_gram_over_several_row_blocks_matches_float64() -> None:
+    """The measured orthogonality of a float32 basis on the CPU (short float32 products,
+    block pair by block pair) against the float64 Gram matrix of the same stored rows."""
+    from curvops.solvers import _reorthogonalization as ro
+
+    n, j = 3 * BLOCK * 11 + 77, 13
+    Q, _ = torch.linalg.qr(torch.randn(n, j, dtype=torch.float64,
+                                       generator=torch.Generator().manual_seed(5)))
+    basis = ro.KrylovBasis(n, torch.float32, torch.device("cpu"), block_rows=4)
+    for i in range(j):
+        basis.set(i, Q[:, i].float())
+    V = torch.stack([basis.get(i, torch.float64, torch.device("cpu")) for i in range(j)])
+    ref = (V @ V.T).numpy()
+    G = basis.gram(j, exact=False)
+    np.testing.assert_allclose(G, ref, rtol=0, atol=5e-8)  # a float32 basis: ~1e-7 itself
+    np.testing.assert_array_equal(G, G.T)
+    np.testing.assert_allclose(basis.gram(j, exact=True), ref, rtol=0, atol=1e-13)
+
+
 def test_lanczos_basis_stays_orthonormal_on_model_like_vectors() -> None:
     # A diagonal float32 operator and a start vector shaped like a model's parameters.
     # With whole-row float32 coefficient products the basis lost orthogonality to 1.6e-4,
