@@ -104,20 +104,21 @@ def gram(X: torch.Tensor, Y: torch.Tensor | None = None) -> torch.Tensor:
         return (X @ Y.T).to(torch.float64)
     (p, n), q = X.shape, Y.shape[0]
     G = torch.zeros(p, q, dtype=torch.float64, device=X.device)
-    if X.device.type != "cpu":
-        cols = 1 << 20
-    else:
+    cpu = X.device.type == "cpu"
+    if cpu:
         # A group's batched result is (slices, p, q) float32: kept to ~4 MiB; its columns,
         # cast from bf16/fp16, to ~8 MiB.
         per_group = max(1, min((4 << 20) // (4 * p * q),
                                (8 << 20) // (4 * (p + q) * GRAM_SLICE)))
         cols = GRAM_SLICE * per_group
+    else:
+        cols = 1 << 20
     for c0 in range(0, n, cols):
         A, B = X[:, c0 : c0 + cols], Y[:, c0 : c0 + cols]
         if A.dtype != torch.float32:
-            A, B = A.float(), (None if Y is X else B.float())
-            B = A if B is None else B
-        whole = A.shape[1] // GRAM_SLICE * GRAM_SLICE if X.device.type == "cpu" else 0
+            A = A.float()
+            B = A if Y is X else B.float()
+        whole = A.shape[1] // GRAM_SLICE * GRAM_SLICE if cpu else 0
         if whole:
             As = A[:, :whole].unflatten(1, (-1, GRAM_SLICE)).transpose(0, 1)
             Bs = B[:, :whole].unflatten(1, (-1, GRAM_SLICE)).transpose(0, 1)
